@@ -1,0 +1,11 @@
+"""distlab: a hands-on lab for distributed optimization, on real torch.distributed groups.
+
+Start here: :func:`launch` runs a function on N real processes and returns their results.
+"""
+from .launcher import (MAX_WORLD_SIZE, Run, WorkerError, device, init_from_env, launch, start,
+                     warm_up)
+from .metrics import report
+
+__all__ = ["launch", "start", "Run", "WorkerError", "report", "device", "init_from_env",
+           "warm_up", "MAX_WORLD_SIZE"]
+__version__ = "0.1.0"

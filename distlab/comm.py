@@ -1,0 +1,195 @@
+"""Accounted communication: torch.distributed calls that count bytes and time per rank.
+
+Every collective and point-to-point call that distlab makes goes through this module, so
+each rank knows how many bytes it sent and received, and how long it spent communicating,
+per kind of operation. The wrappers have torch.distributed's signatures; the cost is two
+clock reads and a few additions per call (see ``benchmarks/bench_launch.py``).
+
+Bytes are counted as follows:
+
+* point-to-point (``send``/``recv``/``isend``/``irecv``): exactly the tensor's bytes;
+* built-in collectives: the volume each rank moves in the bandwidth-optimal algorithm
+  (Thakur, Rabenseifner and Gropp 2005): ``all_reduce`` 2(p-1)/p·n sent and received,
+  ``reduce_scatter`` and ``all_gather`` (p-1)/p·n where n is the full tensor's bytes,
+  ``broadcast`` n leaving the root and n arriving at every other rank.
+
+The ledger belongs to the process: one process is one rank. Time for an asynchronous
+operation is counted from its launch to its ``wait()``.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+_clock = time.perf_counter
+
+
+@dataclass
+class OpStats:
+    """Totals for one kind of operation on this rank."""
+    calls: int = 0
+    bytes_sent: int = 0
+    bytes_recv: int = 0
+    comm_time: float = 0.0
+
+
+class Ledger:
+    """Per-rank totals of communication, by operation kind."""
+
+    def __init__(self):
+        self.ops: dict[str, OpStats] = defaultdict(OpStats)
+
+    def add(self, op: str, bytes_sent: int, bytes_recv: int, seconds: float) -> None:
+        s = self.ops[op]
+        s.calls += 1
+        s.bytes_sent += bytes_sent
+        s.bytes_recv += bytes_recv
+        s.comm_time += seconds
+
+    def totals(self) -> dict:
+        """``{"bytes_sent", "bytes_recv", "comm_time"}`` summed over all operations."""
+        ops = self.ops.values()
+        return {"bytes_sent": sum(s.bytes_sent for s in ops),
+                "bytes_recv": sum(s.bytes_recv for s in ops),
+                "comm_time": sum(s.comm_time for s in ops)}
+
+    def by_op(self) -> dict[str, dict]:
+        """``{op: {"calls", "bytes_sent", "bytes_recv", "comm_time"}}``."""
+        return {op: dict(vars(s)) for op, s in self.ops.items()}
+
+    def reset(self) -> None:
+        self.ops.clear()
+
+
+_ledger = Ledger()
+
+
+def ledger() -> Ledger:
+    """This rank's communication ledger."""
+    return _ledger
+
+
+def nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+class _TimedWork:
+    """Wraps an async ``Work`` so the ledger counts the time until ``wait()`` returns."""
+
+    def __init__(self, work, op, sent, recv, t0):
+        self._work, self._op, self._sent, self._recv, self._t0 = work, op, sent, recv, t0
+        self._counted = False
+
+    def wait(self, timeout=None):
+        out = self._work.wait() if timeout is None else self._work.wait(timeout)
+        if not self._counted:
+            self._counted = True
+            _ledger.add(self._op, self._sent, self._recv, _clock() - self._t0)
+        return out
+
+    def is_completed(self):
+        return self._work.is_completed()
+
+    def __getattr__(self, name):
+        return getattr(self._work, name)
+
+
+def _run(op, call, sent, recv, async_op):
+    t0 = _clock()
+    work = call()
+    if async_op:
+        return _TimedWork(work, op, sent, recv, t0)
+    _ledger.add(op, sent, recv, _clock() - t0)
+    return work
+
+
+def _p(group) -> int:
+    return dist.get_world_size(group)
+
+
+# -- point to point -----------------------------------------------------------------------
+
+def send(tensor, dst, group=None, tag=0):
+    """``dist.send``, counted."""
+    return _run("send", lambda: dist.send(tensor, dst, group=group, tag=tag),
+                nbytes(tensor), 0, False)
+
+
+def recv(tensor, src=None, group=None, tag=0):
+    """``dist.recv``, counted."""
+    return _run("recv", lambda: dist.recv(tensor, src, group=group, tag=tag),
+                0, nbytes(tensor), False)
+
+
+def isend(tensor, dst, group=None, tag=0):
+    """``dist.isend``, counted when its ``wait()`` returns."""
+    return _run("send", lambda: dist.isend(tensor, dst, group=group, tag=tag),
+                nbytes(tensor), 0, True)
+
+
+def irecv(tensor, src=None, group=None, tag=0):
+    """``dist.irecv``, counted when its ``wait()`` returns."""
+    return _run("recv", lambda: dist.irecv(tensor, src, group=group, tag=tag),
+                0, nbytes(tensor), True)
+
+
+# -- built-in collectives -----------------------------------------------------------------
+
+def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+    """``dist.all_reduce``, counted as a ring all-reduce: 2(p-1)/p·n each way."""
+    p = _p(group)
+    vol = 2 * (p - 1) * nbytes(tensor) // p
+    return _run("all_reduce", lambda: dist.all_reduce(tensor, op=op, group=group,
+                                                      async_op=async_op), vol, vol, async_op)
+
+
+def broadcast(tensor, src, group=None, async_op=False):
+    """``dist.broadcast``, counted as n bytes leaving ``src`` and arriving everywhere else."""
+    n = nbytes(tensor) if _p(group) > 1 else 0
+    is_src = dist.get_rank() == src
+    return _run("broadcast", lambda: dist.broadcast(tensor, src, group=group,
+                                                    async_op=async_op),
+                n if is_src else 0, 0 if is_src else n, async_op)
+
+
+def all_gather_into_tensor(output, input, group=None, async_op=False):
+    """``dist.all_gather_into_tensor``, counted as a ring all-gather: (p-1)/p·n each way."""
+    p = _p(group)
+    vol = (p - 1) * nbytes(output) // p
+    return _run("all_gather", lambda: dist.all_gather_into_tensor(
+        output, input, group=group, async_op=async_op), vol, vol, async_op)
+
+
+def all_gather(tensor_list, tensor, group=None, async_op=False):
+    """``dist.all_gather`` into a list, counted as a ring all-gather."""
+    p = _p(group)
+    vol = (p - 1) * nbytes(tensor)
+    return _run("all_gather", lambda: dist.all_gather(tensor_list, tensor, group=group,
+                                                      async_op=async_op), vol, vol, async_op)
+
+
+def reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
+    """``dist.reduce_scatter_tensor``, counted as a ring reduce-scatter: (p-1)/p·n each way.
+
+    Gloo has no native reduce-scatter; there it is an all-reduce followed by taking this
+    rank's slice (correct, at twice the traffic), which is what the ledger then counts.
+    """
+    p = _p(group)
+    if dist.get_backend(group) == "gloo":
+        full = input.clone()
+        all_reduce(full, op=op, group=group)
+        output.copy_(full.chunk(p)[dist.get_group_rank(group, dist.get_rank())
+                                   if group is not None else dist.get_rank()])
+        return None
+    vol = (p - 1) * nbytes(input) // p
+    return _run("reduce_scatter", lambda: dist.reduce_scatter_tensor(
+        output, input, op=op, group=group, async_op=async_op), vol, vol, async_op)
+
+
+def barrier(group=None):
+    """``dist.barrier``, counted as a call with no payload."""
+    return _run("barrier", lambda: dist.barrier(group=group), 0, 0, False)
