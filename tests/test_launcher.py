@@ -1,0 +1,250 @@
+"""distlab.launch: real processes, results in rank order, and every failure path."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import distlab
+from distlab.launcher import MAX_WORLD_SIZE
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _all_gone(run: distlab.Run) -> bool:
+    return not any(_alive(p.pid) for p in run._procs)
+
+
+def rank_sum():
+    t = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(t)
+    return (dist.get_rank(), dist.get_world_size(), t.item())
+
+
+def test_results_in_rank_order_with_package_function():
+    assert distlab.launch(rank_sum, 3) == [(r, 3, 6.0) for r in range(3)]
+
+
+def test_closure_and_lambda_travel_by_value():
+    offset = 10
+
+    def add(x, scale=1):
+        return (dist.get_rank() + offset + x) * scale
+
+    assert distlab.launch(add, 2, 5, scale=2) == [30, 32]
+    assert distlab.launch(lambda: dist.get_world_size(), 2) == [2, 2]
+
+
+def test_world_size_one_and_threads():
+    assert distlab.launch(lambda: torch.get_num_threads(), 1) == [1]
+    assert distlab.launch(lambda: torch.get_num_threads(), 1, num_threads=2) == [2]
+
+
+def test_output_is_forwarded_prefixed_by_rank(capfd):
+    seen = []
+    distlab.launch(lambda: print("hello from", dist.get_rank()), 2,
+                   on_output=lambda rank, stream, text: seen.append((rank, stream, text)))
+    assert {(r, s) for r, s, _ in seen} == {(0, "stdout"), (1, "stdout")}
+    assert any("hello from 1" in t for r, _, t in seen if r == 1)
+
+    def both():
+        print("to out")
+        print("to err", file=sys.stderr)
+        os.write(2, b"raw fd write\n")   # C-level output is forwarded too
+    distlab.launch(both, 1)
+    out, err = capfd.readouterr()
+    assert "[rank 0] to out" in out
+    assert "[rank 0] to err" in err and "[rank 0] raw fd write" in err
+
+
+def test_twenty_launches_back_to_back_never_collide():
+    for _ in range(20):
+        assert distlab.launch(rank_sum, 2) == [(0, 2, 3.0), (1, 2, 3.0)]
+
+
+def test_concurrent_launches_do_not_collide():
+    runs = [distlab.start(rank_sum, 2) for _ in range(3)]
+    assert [r.result() for r in runs] == [[(0, 2, 3.0), (1, 2, 3.0)]] * 3
+
+
+def raise_on_rank_one():
+    if dist.get_rank() == 1:
+        raise ValueError("bad shard")
+    dist.barrier()
+
+
+def test_worker_exception_names_rank_and_carries_traceback():
+    t0 = time.monotonic()
+    run = distlab.start(raise_on_rank_one, 3)
+    with pytest.raises(distlab.WorkerError) as info:
+        run.result()
+    assert time.monotonic() - t0 < 10
+    err = info.value
+    assert isinstance(err, RuntimeError) and err.rank == 1
+    assert "ValueError: bad shard" in str(err) and "raise_on_rank_one" in err.worker_traceback
+    assert _all_gone(run)
+    assert distlab.launch(rank_sum, 2)[0] == (0, 2, 3.0)   # the next launch works
+
+
+def test_os_exit_is_reported():
+    def quit_early():
+        if dist.get_rank() == 0:
+            os._exit(7)
+        return 1
+    run = distlab.start(quit_early, 2)
+    with pytest.raises(distlab.WorkerError, match="exited with code 7") as info:
+        run.result()
+    assert info.value.rank == 0 and _all_gone(run)
+
+
+def test_sigkill_is_reported_and_peers_are_ended():
+    def killed():
+        if dist.get_rank() == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        dist.barrier()      # the others would wait for rank 2 forever
+    t0 = time.monotonic()
+    run = distlab.start(killed, 3, timeout=60)
+    with pytest.raises(distlab.WorkerError, match="SIGKILL") as info:
+        run.result()
+    assert info.value.rank == 2 and time.monotonic() - t0 < 10 and _all_gone(run)
+
+
+def test_hang_past_timeout_is_ended():
+    def hang():
+        if dist.get_rank() == 1:
+            time.sleep(600)
+        return "ok"
+    t0 = time.monotonic()
+    run = distlab.start(hang, 2, timeout=2)
+    with pytest.raises(distlab.WorkerError, match="timed out after 2 s") as info:
+        run.result()
+    assert info.value.rank == 1 and time.monotonic() - t0 < 8 and _all_gone(run)
+
+
+def test_keyboard_interrupt_ends_every_worker():
+    run = distlab.start(lambda: time.sleep(600), 2, timeout=None)
+    main = threading.get_ident()
+    threading.Timer(1.0, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        run.result()
+    assert run.done and _all_gone(run)
+    assert distlab.launch(rank_sum, 2)[1] == (1, 2, 3.0)
+
+
+def test_start_returns_at_once_and_can_be_stopped():
+    def slow():
+        for step in range(1000):
+            distlab.report(step=step, loss=1.0 / (step + 1))
+            time.sleep(0.01)
+    t0 = time.monotonic()
+    run = distlab.start(slow, 2, timeout=None)
+    assert time.monotonic() - t0 < 2 and not run.done
+    deadline = time.monotonic() + 20
+    while len(run.records()) < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(run.records()) >= 10          # metrics arrive while the run goes on
+    run.stop()
+    assert run.done and _all_gone(run)
+    with pytest.raises(distlab.WorkerError, match="stopped by the user"):
+        run.result()
+    df = run.metrics()
+    assert list(df.columns[:4]) == ["run", "rank", "step", "time"] and "loss" in df
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(world_size=0), ValueError, "world_size=0"),
+    (dict(world_size=MAX_WORLD_SIZE + 1), ValueError, "out of range"),
+    (dict(world_size=2.0), TypeError, "world_size must be an int"),
+    (dict(backend="mpi"), ValueError, "backend='mpi'"),
+    (dict(timeout=-1), ValueError, "timeout"),
+    (dict(num_threads=0), ValueError, "num_threads"),
+])
+def test_bad_arguments_fail_before_any_process(bad, error, match):
+    args = dict(world_size=2) | bad
+    before = _descendants()
+    with pytest.raises(error, match=match):
+        distlab.launch(rank_sum, args.pop("world_size"), **args)
+    assert _descendants() <= before
+
+
+def _descendants() -> set[int]:
+    parents = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    parents[int(name)] = int(f.read().rsplit(") ", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                pass
+    found, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def test_non_callable_and_nccl_without_gpus():
+    with pytest.raises(TypeError, match="fn must be callable"):
+        distlab.launch("not a function", 2)
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(ValueError, match="one GPU per rank"):
+            distlab.launch(rank_sum, 2, backend="nccl")
+
+
+def test_unpicklable_argument_is_a_clear_error():
+    import threading as th
+    with pytest.raises(TypeError, match="cannot send fn"):
+        distlab.launch(lambda lock: None, 2, th.Lock())
+
+
+def test_rendezvous_listens_on_loopback_only():
+    def sockets():
+        # gloo's listening sockets: tcp entries in state 0A (LISTEN) owned by this process
+        inodes = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                inodes.add(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:   # the fd of listdir itself is gone already
+                pass
+        listen = []
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in open(table).read().splitlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and f"socket:[{cols[9]}]" in inodes:
+                    listen.append(cols[1].split(":")[0])
+        return listen
+    for addrs in distlab.launch(sockets, 2):
+        assert addrs, "expected gloo to listen"
+        assert all(a in ("0100007F", "00000000000000000000000001000000") for a in addrs), addrs
+
+
+TORCHRUN_SCRIPT = textwrap.dedent("""
+    import distlab, torch, torch.distributed as dist
+    from test_launcher import rank_sum
+    distlab.init_from_env()
+    print(f"RESULT {rank_sum()}", flush=True)
+    dist.destroy_process_group()
+""")
+
+
+def test_same_function_runs_under_torchrun(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node=2", str(script)], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "RESULT (0, 2, 3.0)" in out.stdout and "RESULT (1, 2, 3.0)" in out.stdout
