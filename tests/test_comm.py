@@ -1,0 +1,50 @@
+"""distlab.comm: the accounted wrappers give torch.distributed's results and count bytes."""
+import torch
+import torch.distributed as dist
+
+import distlab
+from distlab import comm
+
+
+def exercise_every_wrapper():
+    rank, p = dist.get_rank(), dist.get_world_size()
+    comm.ledger().reset()
+    x = torch.full((8,), float(rank + 1))
+    comm.all_reduce(x)
+    work = comm.all_reduce(y := torch.ones(4), async_op=True)
+    work.wait()
+    b = torch.full((6,), float(rank))
+    comm.broadcast(b, src=1)
+    out = torch.empty(2 * p)
+    comm.all_gather_into_tensor(out, torch.full((2,), float(rank)))
+    rs = torch.empty(2)
+    comm.reduce_scatter_tensor(rs, torch.arange(2.0 * p))
+    peer = (rank + 1) % p
+    t = torch.full((3,), float(rank))
+    r = torch.empty(3)
+    reqs = [comm.isend(t, peer), comm.irecv(r, (rank - 1) % p)]
+    for q in reqs:
+        q.wait()
+    comm.barrier()
+    return x, y, b, out, rs, r, comm.ledger().by_op(), comm.ledger().totals()
+
+
+def test_wrappers_match_torch_and_count_bytes():
+    p = 3
+    for rank, (x, y, b, out, rs, r, ops, totals) in enumerate(distlab.launch(exercise_every_wrapper, p)):
+        torch.testing.assert_close(x, torch.full((8,), 6.0))
+        torch.testing.assert_close(y, torch.full((4,), 3.0))
+        torch.testing.assert_close(b, torch.full((6,), 1.0))
+        torch.testing.assert_close(out, torch.tensor([0., 0., 1., 1., 2., 2.]))
+        torch.testing.assert_close(rs, p * torch.arange(2.0 * p)[2 * rank: 2 * rank + 2])
+        torch.testing.assert_close(r, torch.full((3,), float((rank - 1) % p)))
+        ring = 2 * (p - 1) * 32 // p + 2 * (p - 1) * 16 // p
+        assert ops["all_reduce"]["calls"] >= 2 and ops["all_reduce"]["bytes_sent"] >= ring
+        assert ops["send"] == {"calls": 1, "bytes_sent": 12, "bytes_recv": 0,
+                               "comm_time": ops["send"]["comm_time"]}
+        assert ops["recv"]["bytes_recv"] == 12
+        assert ops["broadcast"]["bytes_sent"] == (24 if rank == 1 else 0)
+        assert ops["broadcast"]["bytes_recv"] == (0 if rank == 1 else 24)
+        assert ops["all_gather"]["bytes_sent"] == (p - 1) * 24 // p
+        assert totals["comm_time"] > 0
+        assert totals["bytes_sent"] == sum(o["bytes_sent"] for o in ops.values())
