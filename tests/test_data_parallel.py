@@ -159,3 +159,18 @@ def test_bad_arguments_are_refused_before_any_communication():
         dp.wrap(nn.Linear(2, 1), "ring")
     with pytest.raises(ValueError, match="bucket_size_mb=0"):
         dp.BucketedDDP(nn.Linear(2, 1), bucket_size_mb=0)
+
+
+def test_exercise_checker_accepts_the_solution_and_names_the_mistake():
+    from distlab.exercises import data_parallel as ex
+    from distlab import comm
+
+    assert ex.check_average_gradients(ex.average_gradients).ok
+
+    def summed(model, group=None):
+        for p in model.parameters():
+            if p.grad is not None:
+                comm.all_reduce(p.grad, group=group)
+
+    verdict = ex.check_average_gradients(summed)
+    assert not verdict.ok and "divide by the world size" in verdict.message, verdict
