@@ -1,0 +1,104 @@
+"""The two small real models that lab 05 trains through every kind of parallelism.
+
+* ``"mlp"``: the ReLU MLP classifier of the data-parallel lab (:func:`distlab.models.mlp`)
+  on scikit-learn's digits (:func:`distlab.data.digits`);
+* ``"transformer"``: :class:`distlab.transformer.TinyTransformer` learning the next
+  character of the text that ships with distlab.
+
+A :class:`Workload` fixes the model, the batches and the optimizer, seeded, so every rank
+builds the same model and draws the same batches without communicating, and
+:func:`train_reference` gives the single-process loss curve that tensor-, pipeline- and
+data-parallel training must reproduce.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODELS = ("mlp", "transformer")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What to train, on what, for how long."""
+    model: str = "mlp"
+    """``"mlp"`` (digits) or ``"transformer"`` (characters of the shipped text)."""
+    hidden: int = 64
+    """MLP hidden width, or the transformer's d_model."""
+    depth: int = 2
+    """MLP hidden layers, or transformer blocks."""
+    num_heads: int = 4
+    """Attention heads (transformer only)."""
+    block_size: int = 32
+    """Characters of context (transformer only)."""
+    batch_size: int = 64
+    """Examples (or text windows) per optimizer step, over all ranks."""
+    lr: float = 0.1
+    """SGD learning rate."""
+    num_steps: int = 20
+    """Optimizer steps."""
+    seed: int = 0
+    """Seeds the model's initial weights and the batches."""
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"model={self.model!r} is not one of {MODELS}")
+        for name in ("hidden", "depth", "batch_size", "num_steps", "block_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} must be an int >= 1")
+        if self.model == "transformer" and (self.num_heads < 1 or self.hidden % self.num_heads):
+            raise ValueError(f"num_heads={self.num_heads} must be >= 1 and divide "
+                             f"hidden={self.hidden} (each head gets hidden/num_heads dims)")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+
+    def build_model(self) -> nn.Sequential:
+        """The full, unsplit model (the same weights on every rank, from ``seed``)."""
+        if self.model == "mlp":
+            from .models import mlp
+            return mlp(64, self.hidden, 10, self.depth, seed=self.seed)
+        from .transformer import CharTokenizer, TinyTransformer, load_text
+        return TinyTransformer(CharTokenizer(load_text()).vocab_size, self.hidden,
+                               self.num_heads, self.depth, self.block_size, seed=self.seed)
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The global batch ``(X, y)`` of every step, in order."""
+        if self.model == "mlp":
+            from .data import digits
+            data = digits(seed=self.seed)
+            g = torch.Generator().manual_seed(self.seed + 1)
+            for _ in range(self.num_steps):
+                idx = torch.randint(len(data.y), (self.batch_size,), generator=g)
+                yield data.X[idx], data.y[idx]
+        else:
+            from .transformer import CharTokenizer, get_batch, load_text
+            text = load_text()
+            tokens = CharTokenizer(text).encode(text)
+            for step in range(self.num_steps):
+                yield get_batch(tokens, self.batch_size, self.block_size, self.seed + 1 + step)
+
+    def loss(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy (over examples, or over characters)."""
+        return F.cross_entropy(output.reshape(-1, output.shape[-1]), y.reshape(-1))
+
+    def optimizer(self, params) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=self.lr)
+
+
+def train_reference(workload: Workload) -> list[float]:
+    """Single-process training: the loss of every step, the curve to reproduce."""
+    model = workload.build_model()
+    opt = workload.optimizer(model.parameters())
+    losses = []
+    for X, y in workload.batches():
+        loss = workload.loss(model(X), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
