@@ -121,19 +121,26 @@ class Task:
     """Mean loss over a batch: ``loss_fn(model(X), y)``."""
 
 
-def build_task(task: str, seed: int = 0) -> Task:
+def load_dataset(task: str) -> data.Dataset:
+    """The data of ``task`` (the same on every rank; it does not depend on any seed)."""
+    if task == "linear":
+        return data.linear_regression()
+    if task == "digits":
+        return data.digits()
+    raise ValueError(f"task={task!r} is not known; use one of {sorted(TRAIN_SIZES)}")
+
+
+def build_task(task: str, seed: int = 0, dataset: data.Dataset | None = None) -> Task:
     """The model (initialized from ``seed``), dataset and mean loss of ``task``.
 
-    Every rank builds the same thing; the data does not depend on ``seed``.
+    Every rank builds the same thing. Pass ``dataset`` (from :func:`load_dataset`) when the
+    caller has it already: loading scikit-learn in every worker costs about a second.
     """
+    ds = dataset if dataset is not None else load_dataset(task)
     if task == "linear":
-        ds = data.linear_regression()
         return Task(models.linear(ds.num_features, seed=seed), ds, F.mse_loss)
-    if task == "digits":
-        ds = data.digits()
-        return Task(models.mlp(ds.num_features, hidden=64, num_classes=ds.num_classes,
-                               depth=2, seed=seed), ds, F.cross_entropy)
-    raise ValueError(f"task={task!r} is not known; use one of {sorted(TRAIN_SIZES)}")
+    return Task(models.mlp(ds.num_features, hidden=64, num_classes=ds.num_classes, depth=2,
+                           seed=seed), ds, F.cross_entropy)
 
 
 def lr_at(config: SyncSGDConfig, step: int) -> float:
@@ -177,7 +184,39 @@ def evaluate(model: nn.Module, task: Task) -> dict:
     return values
 
 
-def train_worker(config: SyncSGDConfig, group=None) -> dict:
+class SGD:
+    """Plain SGD with momentum, the update of ``torch.optim.SGD`` (Sutskever et al. 2013)::
+
+        b <- momentum * b + g        (b = g at the first step)
+        w <- w - lr * b
+
+    Written out rather than taken from ``torch.optim`` so that a worker does not import
+    TorchDynamo (``torch.optim`` does, on its first step: about 2 s of CPU per process).
+    The DDP wrappers work with any ``torch.optim`` optimizer all the same.
+    """
+
+    def __init__(self, params, momentum: float = 0.0):
+        self.params, self.momentum = list(params), momentum
+        self.buffers: list[torch.Tensor | None] = [None] * len(self.params)
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            d = p.grad
+            if self.momentum:
+                b = self.buffers[i]
+                self.buffers[i] = b = d.clone() if b is None else b.mul_(self.momentum).add_(d)
+                d = b
+            p.add_(d, alpha=-lr)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+def train_worker(config: SyncSGDConfig, group=None, dataset: data.Dataset | None = None) -> dict:
     """Synchronous data-parallel SGD on this rank; call it on every rank of ``group``.
 
     Reports, each step, ``loss`` (this rank's batch: the mean over ranks is the global
@@ -188,6 +227,7 @@ def train_worker(config: SyncSGDConfig, group=None) -> dict:
     Args:
         config: the run; ``config.world_size`` must be the size of ``group``.
         group: the process group (None: the world).
+        dataset: the task's data if the caller loaded it (see :func:`build_task`).
 
     Returns:
         ``{"params"}`` the final parameters as one vector, ``"losses"`` this rank's batch
@@ -199,31 +239,29 @@ def train_worker(config: SyncSGDConfig, group=None) -> dict:
     if p != config.world_size:
         raise ValueError(f"config.world_size={config.world_size} but the group has {p} ranks")
     me = dist.get_rank()   # the rank that reports, in the world's numbering
-    task = build_task(config.task, config.seed)
+    task = build_task(config.task, config.seed, dataset)
     comm.ledger().reset()
     model = dp.wrap(task.model, config.variant, group=group,
                     bucket_size_mb=config.bucket_size_mb)
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    opt = SGD(model.parameters(), momentum=config.momentum)
     X, y = task.dataset.X, task.dataset.y
     compute_time, losses, timeline = 0.0, [], []
     t_start = time.time()
     for step in range(config.num_steps):
         lr = lr_at(config, step)
-        for g in opt.param_groups:
-            g["lr"] = lr
         recording = 1 <= step <= config.timeline_steps
         model.events = [] if recording else None
         idx = batch_indices(config, rank, step, len(y))
 
         t0 = time.time()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss = task.loss_fn(model(X[idx]), y[idx])   # the mean over this rank's batch
         t1 = time.time()
         loss.backward()            # overlapping variants start all-reducing in here
         t2 = time.time()
         model.finish_gradient_synchronization()      # what is left of communication
         t3 = time.time()
-        opt.step()
+        opt.step(lr)
         t4 = time.time()
         compute_time += (t2 - t0) + (t4 - t3)
 
@@ -256,18 +294,16 @@ def train_reference(config: SyncSGDConfig) -> dict:
     """
     task = build_task(config.task, config.seed)
     model = task.model
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    opt = SGD(model.parameters(), momentum=config.momentum)
     X, y = task.dataset.X, task.dataset.y
     losses = []
     for step in range(config.num_steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(config, step)
         idx = torch.cat([batch_indices(config, r, step, len(y))
                          for r in range(config.world_size)])   # (world_size * batch_size,)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss = task.loss_fn(model(X[idx]), y[idx])
         loss.backward()
-        opt.step()
+        opt.step(lr_at(config, step))
         losses.append(loss.item())
     return {"params": nn.utils.parameters_to_vector(model.parameters()).detach(),
             "losses": losses, "final": evaluate(model, task)}
@@ -277,6 +313,8 @@ def start_run(config: SyncSGDConfig, **launch_kwargs) -> Run:
     """Start :func:`train_worker` on ``config.world_size`` processes; return the Run at once.
 
     ``launch_kwargs`` go to :func:`distlab.start` (``on_metrics``, ``on_output``,
-    ``timeout``, ...). Use ``.result()`` for the per-rank results.
+    ``timeout``, ...). The dataset is loaded here once and sent to the workers. Use
+    ``.result()`` for the per-rank results.
     """
-    return start(train_worker, config.world_size, config, **launch_kwargs)
+    return start(train_worker, config.world_size, config,
+                 dataset=load_dataset(config.task), **launch_kwargs)

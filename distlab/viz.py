@@ -106,3 +106,35 @@ class LiveFigure:
         """A plain ``go.Figure`` copy, for HTML reports."""
         self.draw()
         return go.Figure(self.figure)
+
+
+COMM_KINDS = ("all_reduce", "broadcast", "send", "recv", "all_gather", "reduce_scatter")
+"""Event kinds drawn on a rank's communication row of :func:`timeline_figure`."""
+
+
+def timeline_figure(events, title: str = "compute and communication per rank",
+                    height: int | None = None) -> go.Figure:
+    """A per-rank timeline: what each rank was doing when, in milliseconds.
+
+    Args:
+        events: dicts (or a DataFrame) with ``rank``, ``kind``, ``start`` and ``end``
+            (seconds on one clock, e.g. ``time.time()``). Kinds in :data:`COMM_KINDS` go on
+            the rank's communication row, the others on its compute row, so bars that
+            overlap in time show communication hidden behind computation.
+    """
+    df = pd.DataFrame(events)
+    t0 = df["start"].min()
+    df = df.assign(start_ms=(df["start"] - t0) * 1e3, ms=(df["end"] - df["start"]) * 1e3,
+                   row=[f"rank {r} · {'comm' if k in COMM_KINDS else 'compute'}"
+                        for r, k in zip(df["rank"], df["kind"])])
+    rows = sorted(df["row"].unique(), reverse=True)   # rank 0 at the top
+    fig = go.Figure(layout=dict(
+        title=title, barmode="overlay", height=height or 120 + 40 * len(rows),
+        xaxis_title="time (ms)", template="plotly_white", margin=dict(l=110, r=20, t=50, b=50),
+        yaxis=dict(categoryorder="array", categoryarray=rows)))
+    for kind, part in df.groupby("kind", sort=False):
+        fig.add_bar(y=part["row"], x=part["ms"], base=part["start_ms"], orientation="h",
+                    name=kind, opacity=0.8 if kind in COMM_KINDS else 1.0,
+                    customdata=part[["step"]] if "step" in part else None,
+                    hovertemplate=f"{kind}<br>%{{base:.1f}} ms + %{{x:.2f}} ms<extra></extra>")
+    return fig

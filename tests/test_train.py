@@ -75,3 +75,19 @@ def test_sync_sgd_equals_single_process_sgd_on_the_global_batch(config):
         assert ref["final"]["val_loss"] < 0.05
     else:
         assert "accuracy" in df.columns and ref["final"]["accuracy"] > 0.7
+
+
+def test_hand_written_sgd_is_torch_sgd():
+    from distlab.train import SGD
+    torch.manual_seed(0)
+    w1 = torch.randn(5, requires_grad=True)
+    w2 = w1.detach().clone().requires_grad_(True)
+    ours, theirs = SGD([w1], momentum=0.9), torch.optim.SGD([w2], lr=0.1, momentum=0.9)
+    for step in range(4):
+        for w in (w1, w2):
+            ((w - step) ** 2).sum().backward()
+        ours.step(0.1)
+        theirs.step()
+        ours.zero_grad()
+        theirs.zero_grad()
+    torch.testing.assert_close(w1, w2)
