@@ -174,7 +174,7 @@ def start(config: MeshConfig, workload: Workload, **launch_kwargs):
     """Check the split, then :func:`distlab.start` :func:`train` on ``dp * tp`` ranks."""
     from .launcher import start as _start
     check(config, workload)
-    return _start(train, config.world_size, config, workload, **launch_kwargs)
+    return _start(train, config.world_size, config, workload.loaded(), **launch_kwargs)
 
 
 def run(config: MeshConfig, workload: Workload, **launch_kwargs) -> list[dict]:

@@ -268,7 +268,7 @@ def start(config: PipelineConfig, workload: Workload, **launch_kwargs):
     """Check the split, then :func:`distlab.start` :func:`train` on ``num_stages`` ranks."""
     from .launcher import start as _start
     check(config, workload)
-    return _start(train, config.num_stages, config, workload, **launch_kwargs)
+    return _start(train, config.num_stages, config, workload.loaded(), **launch_kwargs)
 
 
 def run(config: PipelineConfig, workload: Workload, **launch_kwargs) -> list[dict]:

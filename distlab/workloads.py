@@ -12,7 +12,7 @@ data-parallel training must reproduce.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import torch
@@ -43,6 +43,8 @@ class Workload:
     """Optimizer steps."""
     seed: int = 0
     """Seeds the model's initial weights and the batches."""
+    dataset: object = field(default=None, repr=False, compare=False)
+    """The loaded data, set by :meth:`loaded` (None: each process loads its own)."""
 
     def __post_init__(self):
         if self.model not in MODELS:
@@ -66,21 +68,33 @@ class Workload:
         return TinyTransformer(CharTokenizer(load_text()).vocab_size, self.hidden,
                                self.num_heads, self.depth, self.block_size, seed=self.seed)
 
-    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The global batch ``(X, y)`` of every step, in order."""
+    def loaded(self) -> "Workload":
+        """This workload with its data loaded, to send to the workers.
+
+        Loading the digits imports scikit-learn, which takes seconds; done once by the
+        caller, it is not repeated in every worker process.
+        """
+        if self.dataset is not None:
+            return self
         if self.model == "mlp":
             from .data import digits
-            data = digits(seed=self.seed)
+            return replace(self, dataset=digits(seed=self.seed))
+        from .transformer import CharTokenizer, load_text
+        text = load_text()
+        return replace(self, dataset=CharTokenizer(text).encode(text))
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The global batch ``(X, y)`` of every step, in order."""
+        data = self.loaded().dataset
+        if self.model == "mlp":
             g = torch.Generator().manual_seed(self.seed + 1)
             for _ in range(self.num_steps):
                 idx = torch.randint(len(data.y), (self.batch_size,), generator=g)
                 yield data.X[idx], data.y[idx]
         else:
-            from .transformer import CharTokenizer, get_batch, load_text
-            text = load_text()
-            tokens = CharTokenizer(text).encode(text)
+            from .transformer import get_batch
             for step in range(self.num_steps):
-                yield get_batch(tokens, self.batch_size, self.block_size, self.seed + 1 + step)
+                yield get_batch(data, self.batch_size, self.block_size, self.seed + 1 + step)
 
     def loss(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy (over examples, or over characters)."""
