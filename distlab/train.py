@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -309,12 +309,20 @@ def train_reference(config: SyncSGDConfig) -> dict:
             "losses": losses, "final": evaluate(model, task)}
 
 
-def start_run(config: SyncSGDConfig, **launch_kwargs) -> Run:
+def start_run(config: SyncSGDConfig | None = None, *, on_metrics=None, on_output=None,
+              timeout: float | None = 120.0, **fields) -> Run:
     """Start :func:`train_worker` on ``config.world_size`` processes; return the Run at once.
 
-    ``launch_kwargs`` go to :func:`distlab.start` (``on_metrics``, ``on_output``,
-    ``timeout``, ...). The dataset is loaded here once and sent to the workers. Use
-    ``.result()`` for the per-rank results.
+    Args:
+        config: the run (default: ``SyncSGDConfig()``).
+        on_metrics, on_output, timeout: as for :func:`distlab.start`.
+        **fields: config fields to change first, e.g. ``world_size=4`` (validated here,
+            before any process starts). So ``functools.partial(start_run, config)`` is a
+            :class:`~distlab.widgets.RunPanel` start function whose controls are fields.
+
+    The dataset is loaded here once and sent to the workers. Use ``.result()`` for the
+    per-rank results of :func:`train_worker`.
     """
-    return start(train_worker, config.world_size, config,
-                 dataset=load_dataset(config.task), **launch_kwargs)
+    config = replace(config or SyncSGDConfig(), **fields)
+    return start(train_worker, config.world_size, config, dataset=load_dataset(config.task),
+                 on_metrics=on_metrics, on_output=on_output, timeout=timeout)
