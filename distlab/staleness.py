@@ -190,3 +190,106 @@ def start(config: SimulatedStalenessConfig, **launch_kwargs):
         raise TypeError(f"config must be a SimulatedStalenessConfig, got "
                         f"{type(config).__name__}")
     return _start(_report_simulation, 1, config, **launch_kwargs)
+
+
+# ----------------------------------------------------------------------------------------
+# Lab 03's panel and figures: every mode behind one start function.
+# ----------------------------------------------------------------------------------------
+
+MODES = ("sync", "SSP", "async", "Hogwild", "simulated")
+
+
+def start_mode(mode: str, workers: int = 3, staleness: int = 2, lr: float = 0.1,
+               staleness_aware: bool = False, straggler: float = 1.0, num_steps: int = 200,
+               target_loss: float | None = None, step_time: float = 0.01, on_metrics=None,
+               on_output=None, timeout: float | None = 300):
+    """Start one run of lab 03 (non-blocking) and return its :class:`distlab.Run`.
+
+    ``mode``: ``"sync"`` (parameter server, BSP), ``"SSP"`` (bound ``staleness``),
+    ``"async"`` (no bound), ``"Hogwild"`` (shared memory, sparse logistic regression) or
+    ``"simulated"`` (one process, delay ``staleness``: :func:`simulate`). The last of the
+    ``workers`` is slowed down ``straggler`` times; ``step_time`` is each gradient's
+    simulated compute, so that a straggler is visible on a 2-core machine.
+    """
+    from . import hogwild
+    from . import parameter_server as ps
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not one of {MODES}")
+    launch = dict(on_metrics=on_metrics, on_output=on_output, timeout=timeout)
+    if mode == "simulated":
+        return start(SimulatedStalenessConfig(staleness=staleness, lr=lr, num_steps=num_steps,
+                                              staleness_aware=staleness_aware), **launch)
+    if mode == "Hogwild":
+        return hogwild.start(hogwild.HogwildConfig(num_workers=workers, lr=lr,
+                                                   num_steps=20 * num_steps,
+                                                   eval_every=max(1, num_steps // 5)), **launch)
+    bound = {"sync": 0, "SSP": staleness, "async": None}[mode]
+    return ps.start(ps.ParameterServerConfig(
+        num_workers=workers, staleness=bound, lr=lr, num_steps=num_steps,
+        staleness_aware=staleness_aware, slowdown=(1.0,) * (workers - 1) + (straggler,),
+        step_time=step_time, target_loss=target_loss), **launch)
+
+
+def run_name(values: dict) -> str:
+    """A short legend entry for the panel's values: ``"async · 3 workers · lr=0.1"``."""
+    mode = values["mode"]
+    parts = [mode if mode != "SSP" else f"SSP s={values['staleness']}"]
+    if mode == "simulated":
+        parts = [f"simulated τ={values['staleness']}"]
+    if mode not in ("simulated",):
+        parts.append(f"{values['workers']} workers")
+    parts.append(f"lr={values['lr']:g}")
+    if values.get("staleness_aware") and mode not in ("sync", "Hogwild"):
+        parts.append("lr/τ")
+    if values.get("straggler", 1) > 1 and mode in ("sync", "SSP", "async"):
+        parts.append(f"straggler ×{values['straggler']:g}")
+    return " · ".join(parts)
+
+
+def staleness_histogram(df: pd.DataFrame):
+    """Overlaid histograms of the measured ``staleness`` of each run's gradients."""
+    import plotly.graph_objects as go
+    fig = go.Figure(layout=dict(title="measured staleness of the applied gradients",
+                                xaxis_title="staleness (updates)", yaxis_title="gradients",
+                                barmode="overlay", template="plotly_white", height=340))
+    for run, part in df.dropna(subset=["staleness"]).groupby("run"):
+        fig.add_histogram(x=part["staleness"], name=run, opacity=0.6, xbins=dict(size=1))
+    return fig
+
+
+def throughput(df: pd.DataFrame) -> pd.DataFrame:
+    """Gradients per second of every worker (ranks that report ``staleness``), per run."""
+    rows = []
+    for (run, rank), part in df.dropna(subset=["staleness"]).groupby(["run", "rank"]):
+        span = part["time"].max() - part["time"].min()
+        if len(part) > 1 and span > 0:
+            rows.append({"run": run, "rank": rank, "updates_per_s": (len(part) - 1) / span})
+    return pd.DataFrame(rows, columns=["run", "rank", "updates_per_s"])
+
+
+def throughput_figure(df: pd.DataFrame):
+    """Bars of :func:`throughput`: each worker's gradients per second, runs side by side."""
+    import plotly.graph_objects as go
+    fig = go.Figure(layout=dict(title="throughput per worker", xaxis_title="rank",
+                                yaxis_title="gradients per second", barmode="group",
+                                template="plotly_white", height=340))
+    for run, part in throughput(df).groupby("run"):
+        fig.add_bar(x=part["rank"], y=part["updates_per_s"], name=run)
+    return fig
+
+
+def sweep_heatmap(df: pd.DataFrame):
+    """Heatmap of :func:`sweep`: log10 of the final loss over staleness x lr (simulated)."""
+    import numpy as np
+    import plotly.graph_objects as go
+    table = df.pivot(index="staleness", columns="lr", values="loss")
+    z = np.log10(table.to_numpy().clip(max=1e6))
+    text = [["diverged" if not np.isfinite(v) else f"{v:.3g}" for v in row]
+            for row in table.to_numpy()]
+    return go.Figure(go.Heatmap(z=z, x=[f"{c:g}" for c in table.columns],
+                                y=[str(i) for i in table.index], text=text,
+                                texttemplate="%{text}", colorscale="Viridis",
+                                colorbar=dict(title="log10 loss")),
+                     layout=dict(title="final loss (simulated): staleness x learning rate",
+                                 xaxis_title="lr", yaxis_title="staleness τ (updates)",
+                                 template="plotly_white", height=380))
