@@ -102,8 +102,14 @@ class OneBitAdam(torch.optim.Optimizer):
     gradients (do not all-reduce them first). For ``t <= warmup_steps`` it averages the
     gradients in float32 and takes Adam's step. At ``t = warmup_steps`` it freezes the
     bias-corrected variance ``v_hat``. Afterwards every rank updates its momentum with its
-    local gradient, ``m_r = b1 m + (1 - b1) g_r``, and the ranks average ``m_r`` compressed
-    with error feedback, so they all agree on ``m`` and take ``w = w - lr m / (sqrt(v_hat) + eps)``.
+    local gradient, ``m_r = b1 m + (1 - b1) g_r``, and the ranks average it compressed with
+    error feedback, so they all agree on ``m`` and take ``w = w - lr m / (sqrt(v_hat) + eps)``.
+
+    One departure from Tang et al.: what is compressed is ``m_r / (sqrt(v_hat) + eps)``, the
+    momentum in the coordinates of the frozen preconditioner (every rank has the same
+    ``v_hat``, so uncompressed this changes nothing). Compressing ``m_r`` itself with one
+    sign and one scale gives a coordinate of tiny variance a step of ``scale / eps``: on the
+    digits, whose corner pixels are almost always 0, training diverges at once.
 
     Args:
         params: the parameters (one group).
@@ -156,8 +162,15 @@ class OneBitAdam(torch.optim.Optimizer):
             update = (self.m / (1 - b1 ** self.t)) / (v_hat.sqrt() + eps)
         else:
             local_m = self.m * b1 + g * (1 - b1)                              # m_r
-            self.m = all_reduce_compressed(local_m, self.compressor, self.residual, self.group)
-            update = (self.m / (1 - b1 ** self.t)) / (self.v.sqrt() + eps)
+            denom = self.v.sqrt() + eps                                       # frozen, shared
+            # Average m_r / denom rather than m_r: the same thing uncompressed (denom is
+            # the same on every rank), but one sign and one scale then give every
+            # coordinate a step of similar size, where compressing m_r itself would blow
+            # up the coordinates whose variance is tiny (pixels that are almost always 0).
+            u = all_reduce_compressed(local_m / denom, self.compressor, self.residual,
+                                      self.group)
+            self.m = u * denom
+            update = u / (1 - b1 ** self.t)
         offset = 0
         for w in self.params:
             w.sub_(lr * update[offset: offset + w.numel()].view_as(w))

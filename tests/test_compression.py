@@ -133,3 +133,40 @@ def test_compressed_all_reduce_matches_simulation_and_counts_compressed_bytes(wo
     dense = bytes_sent_per_call(make_compressor("none"), N, world_size)
     assert bytes_sent_per_call(TopK(0.02), N, world_size) * 10 < dense
     assert bytes_sent_per_call(Sign(), N, world_size) == (world_size - 1) * (math.ceil(N / 8) + 4)
+
+
+def test_exercise_checker_accepts_the_solution_and_names_mistakes(monkeypatch):
+    from distlab.exercises import compression as ex
+    assert ex.check_topk_all_reduce(ex.topk_all_reduce).ok
+
+    def no_feedback(x, residual, k, group=None):    # fills the residual, never uses it
+        fresh = torch.zeros_like(residual)
+        out = ex.topk_all_reduce(x, fresh, k, group)
+        residual.copy_(fresh)
+        return out
+
+    v = ex.check_topk_all_reduce(no_feedback)
+    assert not v.ok and "step 1" in v.message and "add the residual" in v.message, v
+
+    def dense(x, residual, k, group=None):
+        c = x + residual
+        idx = c.abs().topk(k).indices
+        out = torch.zeros_like(c)
+        out[idx] = c[idx]
+        residual.copy_(c - out)
+        comm.all_reduce(out, group=group)
+        return out / 3
+
+    v = ex.check_topk_all_reduce(dense)
+    assert not v.ok and "bytes" in v.message and "all_gather" in v.message, v
+    v = ex.check_topk_all_reduce(lambda x, residual, k, group=None: x)
+    assert not v.ok and "rank 0, step 0" in v.message, v
+
+    def forgot_residual_update(x, residual, k, group=None):
+        return ex.topk_all_reduce(x, residual.clone(), k, group)
+
+    v = ex.check_topk_all_reduce(forgot_residual_update)
+    assert not v.ok and "did not change" in v.message, v
+
+    monkeypatch.setenv("DISTLAB_SOLUTIONS", "1")
+    assert "comm.all_gather" in distlab.exercises.solution("topk_all_reduce")

@@ -121,13 +121,13 @@ def _simulate(world_size, b1=0.9, b2=0.999, eps=1e-8):
             if t == WARMUP:
                 v = v_hat                                   # frozen from now on
         else:
-            sent = []
+            sent, denom = [], v.sqrt() + eps
             for r in range(world_size):
-                c = b1 * m + (1 - b1) * grads[r] + residuals[r]
+                c = (b1 * m + (1 - b1) * grads[r]) / denom + residuals[r]
                 s = Sign().decompress(Sign().compress(c), n)
                 residuals[r] = c - s
                 sent.append(s)
-            m, v_hat = torch.stack(sent).mean(0), v
+            m, v_hat = torch.stack(sent).mean(0) * denom, v
         update = (m / (1 - b1 ** t)) / (v_hat.sqrt() + eps)
         with torch.no_grad():
             flat = torch.cat([p.reshape(-1) for p in params]) - LR * update
