@@ -183,8 +183,10 @@ class BucketedDDP(_DDP):
     produces their gradients), into buckets of about ``bucket_size_mb``. A gradient is
     copied into its bucket's flat buffer when ready; a full bucket is all-reduced
     asynchronously. Buckets are launched strictly in bucket order so that every rank issues
-    the same collectives in the same order. Small buckets start communicating earlier;
-    large ones pay fewer latencies (Li et al. 2020, section 3.2.3 and figure 7).
+    the same collectives in the same order. As in DDP, a bucket closes once it holds
+    ``bucket_size_mb`` (so it can exceed it by one tensor), and the first closes at 1 MiB.
+    Small buckets start communicating earlier; large ones pay fewer latencies (Li et al.
+    2020, section 3.2.3 and figure 7).
 
     Args:
         module: the model, the same architecture on every rank.
@@ -197,16 +199,21 @@ class BucketedDDP(_DDP):
             raise ValueError(f"bucket_size_mb={bucket_size_mb!r} must be > 0")
         super().__init__(module, group)
         self.bucket_size_mb = bucket_size_mb
-        cap = bucket_size_mb * 2 ** 20
-        self.buckets: list[list[torch.Tensor]] = []
-        size = cap
+        # As DDP: a bucket closes once it holds bucket_size_mb; the first one (the last
+        # layers, whose gradients are ready first) closes at 1 MiB, so traffic starts early.
+        caps = [min(1.0, bucket_size_mb) * 2 ** 20, bucket_size_mb * 2 ** 20]
+        self.buckets: list[list[torch.Tensor]] = [[]]
+        size = 0
         for p in reversed(self.params):
-            nb = p.numel() * p.element_size()
-            if size + nb > cap or p.dtype != self.buckets[-1][0].dtype:
+            if self.buckets[-1] and p.dtype != self.buckets[-1][0].dtype:
                 self.buckets.append([])
                 size = 0
             self.buckets[-1].append(p)
-            size += nb
+            size += p.numel() * p.element_size()
+            if size >= caps[min(len(self.buckets) - 1, 1)]:
+                self.buckets.append([])
+                size = 0
+        self.buckets = [ps for ps in self.buckets if ps]
         self._where = {id(p): (b, i) for b, ps in enumerate(self.buckets)
                        for i, p in enumerate(ps)}
         self._buffers = [torch.zeros(sum(p.numel() for p in ps), dtype=ps[0].dtype)
