@@ -11,18 +11,17 @@ global batch::
 The wrappers below follow PyTorch's ``DistributedDataParallel`` (Li et al. 2020, "PyTorch
 Distributed", VLDB, section 3) and build it up naive to optimized:
 
-==================  ====================================  =========================================
-wrapper             how gradients are averaged            alpha-beta cost, K tensors, n bytes, B buckets
-==================  ====================================  =========================================
-:class:`NaiveDDP`   one all-reduce per parameter, after   2(p-1)·K·alpha + 2(p-1)/p·n·beta, exposed
-                    backward (not used in practice)
-:class:`FlatDDP`    one all-reduce of all gradients        2(p-1)·alpha + 2(p-1)/p·n·beta + 2 copies
-                    flattened into one buffer (sec. 3.2.2) exposed
-:class:`OverlapDDP` per-parameter async all-reduce from    as naive, but hidden behind the rest of
-                    backward hooks (sec. 3.2.3)            backward
-:class:`BucketedDDP` buckets of ``bucket_size_mb``,        2(p-1)·B·alpha + 2(p-1)/p·n·beta, hidden
-                    each all-reduced once ready            behind backward (what DDP does)
-==================  ====================================  =========================================
+* :class:`NaiveDDP` - one blocking all-reduce per parameter after backward (not used in
+  practice). Cost for K tensors of n bytes in all: 2(p-1)·K·alpha + 2(p-1)/p·n·beta, all of
+  it exposed after backward.
+* :class:`FlatDDP` - all gradients copied into one buffer, one all-reduce (section 3.2.2):
+  2(p-1)·alpha + 2(p-1)/p·n·beta plus two copies of n bytes, still exposed.
+* :class:`OverlapDDP` - an asynchronous all-reduce per parameter, launched from a backward
+  hook as soon as that gradient is final (section 3.2.3): the naive cost, but hidden behind
+  the rest of backward.
+* :class:`BucketedDDP` - hooks fill buckets of ``bucket_size_mb``; each full bucket is
+  all-reduced asynchronously (what DDP does): 2(p-1)·B·alpha + 2(p-1)/p·n·beta for B
+  buckets, hidden behind backward except for the last bucket.
 
 (The ring all-reduce costs 2(p-1) latency terms alpha and moves 2(p-1)/p of the bytes per rank.)
 
