@@ -208,7 +208,9 @@ def _worker_main(rank, world_size, backend, store_path, payload, conn, out_w, er
 # The caller side.
 # ----------------------------------------------------------------------------------------
 
-_PRELOAD = ["torch", "torch.distributed", "cloudpickle", "distlab.launcher"]
+# torch._dynamo: torch.optim imports it on the first step; preloading it once in the
+# forkserver saves every worker about 2 s of CPU.
+_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "cloudpickle", "distlab.launcher"]
 
 
 def _context():

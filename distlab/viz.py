@@ -30,8 +30,9 @@ class LiveFigure:
     Args:
         x, y: metric names (columns of the run's records).
         title: the figure title.
-        per_rank: one line per rank; otherwise ranks are averaged at each ``x``
-            (records from rank 0 when ``x`` is not shared by the ranks).
+        per_rank: one line per rank; otherwise ranks are averaged at each step when ``x``
+            is ``"step"``, and for any other ``x`` (time, bytes) the lowest reporting rank
+            is drawn, since ranks do not share those values.
         log_y: logarithmic y axis.
         min_interval: seconds between redraws while a run is live.
     """
@@ -58,7 +59,8 @@ class LiveFigure:
             with self._lock:
                 ranks = self._points[run]
                 for r in records:
-                    if self.x in r and self.y in r and r[self.y] is not None:
+                    xv, yv = r.get(self.x), r.get(self.y)
+                    if xv is not None and yv is not None and xv == xv and yv == yv:  # no NaN
                         ranks.setdefault(r["rank"], []).append((r[self.x], r[self.y]))
             if time.monotonic() - self._last_draw >= self.min_interval:
                 self.draw()
@@ -78,10 +80,13 @@ class LiveFigure:
                 if self.per_rank:
                     for rank, pts in sorted(ranks.items()):
                         out[f"{run} · rank {rank}"] = ([p[0] for p in pts], [p[1] for p in pts])
-                elif ranks:
+                elif ranks and self.x == "step":   # ranks share steps: average them
                     df = pd.DataFrame([(x, y) for pts in ranks.values() for x, y in pts],
                                       columns=["x", "y"]).groupby("x", sort=True)["y"].mean()
                     out[run] = (df.index.tolist(), df.tolist())
+                elif ranks:   # time, bytes...: each rank has its own x; draw the first rank
+                    pts = ranks[min(ranks)]
+                    out[run] = ([p[0] for p in pts], [p[1] for p in pts])
         return out
 
     def draw(self) -> None:
