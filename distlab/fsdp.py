@@ -174,7 +174,7 @@ class FullyShardedDataParallel(nn.Module):
         for i in range(len(named)):
             owners = self._owners[i]
             unit = module if len({id(m) for m, _ in owners}) > 1 else self._unit_module(
-                owners[0][0], parent, unit_types)
+                owners[0][0], parent, unit_types) or module
             units.setdefault(unit, []).append(i)
         layout = ShardLayout([p.shape for _, p in named], self.world_size)
         self.shards = nn.ParameterList(
