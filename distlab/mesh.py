@@ -149,17 +149,15 @@ def train(config: MeshConfig, workload: Workload) -> dict:
     """
     mesh = build_mesh(config)
     model = parallel_model(workload, mesh)
-    opt = workload.optimizer(model.parameters())
     comm.ledger().reset()        # count the training only, not building the groups
     losses = []
     for step, (X, y) in enumerate(workload.batches()):
         X, y = X.chunk(config.dp)[mesh.dp_rank], y.chunk(config.dp)[mesh.dp_rank]
         loss = workload.loss(model(X), y)
-        opt.zero_grad()
         loss.backward()
         if config.dp > 1:
             all_reduce_gradients(model, mesh.dp_group, config.dp)
-        opt.step()
+        workload.sgd_step(model.parameters())
         # The global loss is the mean of the replicas' losses (equal slices).
         total = loss.detach().clone()
         if config.dp > 1:
@@ -168,6 +166,14 @@ def train(config: MeshConfig, workload: Workload) -> dict:
         report(step=step, loss=losses[-1], **comm.ledger().totals())
     return {"rank": mesh.rank, "dp_rank": mesh.dp_rank, "tp_rank": mesh.tp_rank,
             "losses": losses, "by_op": comm.ledger().by_op(), **comm.ledger().totals()}
+
+
+def sweep(configs: list[MeshConfig], workloads: list[Workload]) -> list[dict]:
+    """Worker: :func:`train` for every config and workload in one launch (one world size).
+
+    Returns the results in the order ``[(c, w) for c in configs for w in workloads]``.
+    """
+    return [train(c, w) for c in configs for w in workloads]
 
 
 def start(config: MeshConfig, workload: Workload, **launch_kwargs):

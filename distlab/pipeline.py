@@ -241,15 +241,17 @@ def train(config: PipelineConfig, workload: Workload) -> dict:
     layers = partition(len(model), config.num_stages)[rank]
     stage = PipelineStage(nn.Sequential(*list(model)[layers.start: layers.stop]), rank,
                           config.num_stages)
-    opt = workload.optimizer(stage.layers.parameters())
     comm.barrier()                    # start every rank's clock together
     stage.timeline.t0 = time.perf_counter()
     comm.ledger().reset()
     losses = []
     for step, (X, y) in enumerate(workload.batches()):
-        opt.zero_grad()
+        # Line the stages up, so that each step's timeline starts together as in the papers'
+        # figures (without it the last stage starts waiting while the first still finishes
+        # the previous step, and the picture of one step shows the idle time of two).
+        comm.barrier()
         loss = stage.train_step(X, y, workload.loss, config)
-        opt.step()
+        workload.sgd_step(stage.layers.parameters())
         if loss is not None:
             losses.append(loss)
             report(step=step, loss=loss, **comm.ledger().totals())

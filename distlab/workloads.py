@@ -100,19 +100,26 @@ class Workload:
         """Mean cross-entropy (over examples, or over characters)."""
         return F.cross_entropy(output.reshape(-1, output.shape[-1]), y.reshape(-1))
 
-    def optimizer(self, params) -> torch.optim.Optimizer:
-        return torch.optim.SGD(params, lr=self.lr)
+    def sgd_step(self, params) -> None:
+        """One plain SGD step, ``p -= lr * p.grad``, then the gradients are cleared.
+
+        Written out rather than ``torch.optim.SGD``: the optimizers import torch's compiler
+        on first use, seconds per worker process, longer than these runs themselves.
+        """
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-self.lr)
+                    p.grad = None
 
 
 def train_reference(workload: Workload) -> list[float]:
     """Single-process training: the loss of every step, the curve to reproduce."""
     model = workload.build_model()
-    opt = workload.optimizer(model.parameters())
     losses = []
     for X, y in workload.batches():
         loss = workload.loss(model(X), y)
-        opt.zero_grad()
         loss.backward()
-        opt.step()
+        workload.sgd_step(model.parameters())
         losses.append(loss.item())
     return losses

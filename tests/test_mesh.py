@@ -14,10 +14,6 @@ LM = Workload("transformer", hidden=16, num_heads=4, depth=1, block_size=8, batc
               num_steps=2, lr=0.3).loaded()
 
 
-def train_several(configs, workloads):
-    return [mesh.train(c, w) for c in configs for w in workloads]
-
-
 @pytest.mark.parametrize("world_size,configs", [
     (2, [mesh.MeshConfig(dp=1, tp=2), mesh.MeshConfig(dp=2, tp=1)]),
     (4, [mesh.MeshConfig(dp=2, tp=2), mesh.MeshConfig(dp=1, tp=4)]),
@@ -27,7 +23,7 @@ def test_dp_tp_training_matches_single_process(world_size, configs):
     for c in configs:
         for w in workloads:
             mesh.check(c, w)
-    results = distlab.launch(train_several, world_size, configs, workloads, timeout=120)
+    results = distlab.launch(mesh.sweep, world_size, configs, workloads, timeout=120)
     refs = [train_reference(w) for w in workloads]
     for rank, runs in enumerate(results):
         for k, run in enumerate(runs):
