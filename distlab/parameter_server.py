@@ -83,6 +83,8 @@ class ParameterServerConfig:
     """``"linear_regression"`` (``nn.Linear``) or ``"digits"`` (an MLP)."""
     hidden: int = 32
     """Hidden width of the digits MLP (more parameters: a heavier server)."""
+    eval_size: int = 512
+    """Training examples (the first ones) on which workers measure the loss they pull."""
     staleness_aware: bool = False
     """Divide the step of a gradient with staleness tau by tau (Zhang et al. 2016)."""
     clip: float | None = None
@@ -130,6 +132,7 @@ class ParameterServerConfig:
              "batch_size", "an int >= 1 or None (whole shard)")
         need(self.problem in PROBLEMS, "problem", PROBLEMS)
         need(is_int(self.hidden) and 1 <= self.hidden <= 4096, "hidden", "1..4096")
+        need(is_int(self.eval_size) and self.eval_size >= 1, "eval_size", "an int >= 1")
         need(self.clip is None or (is_num(self.clip) and self.clip > 0), "clip", "> 0 or None")
         need(is_num(self.step_time) and 0 <= self.step_time <= 10, "step_time", "0..10 s")
         need(isinstance(self.slowdown, tuple) and len(self.slowdown) <= self.num_workers
@@ -397,6 +400,7 @@ def _work(config: ParameterServerConfig, worker: int, group) -> dict:
     bounds = shard_bounds(P, config.num_servers)
     slowdown = config.slowdown[worker] if worker < len(config.slowdown) else 1.0
     delays = torch.Generator().manual_seed(config.seed * 31 + worker)
+    X_eval, y_eval = ds.X[:config.eval_size], ds.y[:config.eval_size]
     clock, compute_time = 0, 0.0
     while True:
         replies = [torch.empty(_HEAD + hi - lo) for lo, hi in bounds]
@@ -415,9 +419,9 @@ def _work(config: ParameterServerConfig, worker: int, group) -> dict:
             return {"role": "worker", "worker": worker, "clocks": clock, "vanished": True}
         flat = torch.cat([r[_HEAD:] for r in replies])
         t = time.perf_counter()
-        with torch.no_grad():   # the loss of the parameters just pulled, on all the data
+        with torch.no_grad():   # the loss of the parameters just pulled (fixed examples)
             vector_to_parameters(flat, model.parameters())
-            loss = float(loss_fn(model(ds.X), ds.y))
+            loss = float(loss_fn(model(X_eval), y_eval))
         idx = worker_batch(config, ds, worker, clock)
         _, g = gradient(model, loss_fn, ds.X[idx], ds.y[idx], flat)
         if config.clip is not None:

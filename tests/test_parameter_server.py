@@ -105,3 +105,12 @@ def test_may_proceed_and_max_delay():
     assert ps.may_proceed(5, [5, 3], 2) and not ps.may_proceed(6, [6, 3], 2)
     assert ps.may_proceed(100, [100, 0], None)
     assert ps.max_delay(0, 4) == 0 and ps.max_delay(1, 4) == 9
+
+
+def test_ssp_exercise_checker():
+    from distlab.exercises import async_sgd as exercise
+    assert exercise.check_ssp_wait(exercise.may_proceed).ok
+    verdict = exercise.check_ssp_wait(lambda clock, clocks, s: True)   # never waits
+    assert not verdict.ok and "must wait" in verdict.message
+    too_strict = exercise.check_ssp_wait(lambda c, cl, s: s is None or c - min(cl) < s)
+    assert not too_strict.ok and "clocks=[0, 0, 0]" in too_strict.message

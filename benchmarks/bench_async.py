@@ -1,0 +1,151 @@
+"""Asynchronous SGD: parameter-server throughput, and time to a target loss with a straggler.
+
+Run:  .venv/bin/python benchmarks/bench_async.py  [--repeats 3] [--out benchmarks/results/async.md]
+
+1. **Throughput.** Gradients applied per second by distlab's parameter server (fully
+   asynchronous, digits MLP of ~90k parameters, batch 32, no simulated compute) for 1, 2, 4
+   and 8 workers, with one server rank and with the parameters sharded over two; beside it
+   PyTorch's own synchronous data parallelism (``torch.nn.parallel.DistributedDataParallel``,
+   the same model and batch per worker), counted in gradients per second too.
+2. **Time to target.** 4 workers on linear regression, each gradient costing 20 ms of
+   simulated compute and the last worker 3x slower: wall time from the first update until
+   the training loss is at most 0.02, for torch DDP, the parameter server in BSP mode
+   (``staleness=0``) and fully asynchronous (``staleness=None``). Median of ``--repeats``.
+   Target: async <= 0.6x sync.
+
+Everything shares the machine with whatever else runs on it: numbers are noisy, read ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+import distlab
+from distlab import parameter_server as ps
+
+STEP_TIME, STRAGGLER, TARGET, LR = 0.02, 3.0, 0.02, 0.1
+
+
+def ddp_worker(config: ps.ParameterServerConfig, num_steps: int, straggler: float,
+               target: float | None) -> dict:
+    """PyTorch's synchronous SGD on the parameter server's problem, data and batches."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, ds, loss_fn = ps.build_problem(config)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=config.lr)
+    slow = straggler if rank == world - 1 else 1.0
+    dist.barrier()
+    t0, reached = time.perf_counter(), None
+    for step in range(num_steps):
+        if target is not None:
+            with torch.no_grad():
+                loss = float(loss_fn(model(ds.X), ds.y))
+            flag = torch.tensor([float(loss <= target)])
+            dist.broadcast(flag, 0)                 # every rank stops at the same step
+            if flag.item():
+                reached = time.perf_counter() - t0
+                break
+        t = time.perf_counter()
+        idx = ps.worker_batch(config, ds, rank, step)
+        opt.zero_grad()
+        loss_fn(ddp(ds.X[idx]), ds.y[idx]).backward()     # all-reduce inside backward
+        work = time.perf_counter() - t + config.step_time
+        time.sleep((slow - 1.0) * work + config.step_time)
+        opt.step()
+    elapsed = time.perf_counter() - t0
+    return {"gradients_per_s": world * (step + 1) / elapsed, "time_to_target": reached}
+
+
+def ps_time_to_target(config: ps.ParameterServerConfig) -> float | None:
+    m = ps.train(config, timeout=120).metrics.dropna(subset=["loss"])
+    hit = m[m["loss"] <= TARGET]
+    return float(hit["time"].min() - m["time"].min()) if len(hit) else None
+
+
+def throughput(repeats: int) -> list[dict]:
+    rows = []
+    for workers in (1, 2, 4, 8):
+        row = {"workers": workers}
+        for servers in (1, 2):
+            cfg = ps.ParameterServerConfig(num_workers=workers, num_servers=servers,
+                                           staleness=None, problem="digits", hidden=1200,
+                                           num_steps=80 * workers, lr=0.01, eval_size=64)
+            rates = []
+            for _ in range(repeats):
+                result = ps.train(cfg, timeout=120)
+                rates.append(statistics.mean(s["updates_per_s"] for s in result.servers))
+            row[f"ps_{servers}"] = statistics.median(rates)
+        cfg = ps.ParameterServerConfig(num_workers=workers, problem="digits", hidden=1200)
+        rates = [distlab.launch(ddp_worker, workers, cfg, 40, 1.0, None,
+                                timeout=120)[0]["gradients_per_s"] for _ in range(repeats)]
+        row["ddp"] = statistics.median(rates)
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def time_to_target(repeats: int) -> dict:
+    base = dict(num_workers=4, lr=LR, step_time=STEP_TIME, slowdown=(1, 1, 1, STRAGGLER),
+                target_loss=TARGET, num_steps=400)
+    out = {"torch DDP": [], "PS sync (BSP)": [], "PS async": []}
+    for _ in range(repeats):   # interleaved, so each sees the same machine load
+        cfg = ps.ParameterServerConfig(staleness=0, **base)
+        out["torch DDP"].append(distlab.launch(ddp_worker, 4, cfg, 400, STRAGGLER, TARGET,
+                                               timeout=120)[0]["time_to_target"])
+        out["PS sync (BSP)"].append(ps_time_to_target(cfg))
+        out["PS async"].append(ps_time_to_target(ps.ParameterServerConfig(staleness=None,
+                                                                          **base)))
+        print({k: v[-1] for k, v in out.items()}, flush=True)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="time-to-target repeats (throughput: --repeats // 2, at least 1)")
+    parser.add_argument("--out", default="benchmarks/results/async.md")
+    args = parser.parse_args()
+    t0 = time.time()
+    distlab.warm_up()
+    rows = throughput(max(1, args.repeats // 2))
+    ttt = time_to_target(args.repeats)
+    med = {k: statistics.median(v) if None not in v else None for k, v in ttt.items()}
+    ratio = med["PS async"] / med["PS sync (BSP)"]
+    params = sum(p.numel() for p in ps.build_problem(ps.ParameterServerConfig(
+        problem="digits", hidden=1200))[0].parameters())
+    lines = [
+        f"# Asynchronous SGD benchmark ({datetime.date.today()}, "
+        f"{torch.get_num_threads()} threads visible to torch, torch {torch.__version__})", "",
+        f"Command: `python benchmarks/bench_async.py --repeats {args.repeats}` "
+        f"({time.time() - t0:.0f} s)", "",
+        f"## Throughput: gradients applied per second (digits MLP, {params:,} parameters, "
+        f"batch 32, no simulated compute; median of {max(1, args.repeats // 2)})", "",
+        "| workers | PS, 1 server | PS, 2 servers (sharded) | sharded / 1 server "
+        "| torch DDP (sync) | PS 1 server / DDP |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['workers']} | {r['ps_1']:.0f} | {r['ps_2']:.0f} | "
+                     f"{r['ps_2'] / r['ps_1']:.2f}x | {r['ddp']:.0f} | "
+                     f"{r['ps_1'] / r['ddp']:.2f}x |")
+    lines += ["", f"## Time to training loss <= {TARGET}: 4 workers, one {STRAGGLER:g}x "
+              f"straggler, {STEP_TIME * 1000:.0f} ms simulated compute per gradient", "",
+              "| run | median (s) | all runs (s) | ratio to PS sync |", "|---|---|---|---|"]
+    for k, v in ttt.items():
+        fmt = ", ".join("-" if x is None else f"{x:.2f}" for x in v)
+        m = med[k]
+        lines.append(f"| {k} | {m:.2f} | {fmt} | {m / med['PS sync (BSP)']:.2f}x |"
+                     if m is not None else f"| {k} | - | {fmt} | - |")
+    lines += ["", f"Target: async <= 0.6x sync: **{'met' if ratio <= 0.6 else 'not met'}** "
+              f"({ratio:.2f}x)."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(args.out, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()
