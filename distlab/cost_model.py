@@ -159,7 +159,7 @@ def _iters(nbytes: int, network: Network | None) -> int:
     # Enough calls per timed block that small messages are not lost in the clock's noise.
     if network is not None and network.injects:
         return 1
-    return max(1, min(20, MIB // max(nbytes, 1)))
+    return max(1, min(10, MIB // max(nbytes, 1)))
 
 
 def _measure_worker(algorithms, sizes, repeats, network):
