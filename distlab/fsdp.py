@@ -58,7 +58,8 @@ class _Unit:
         shards = [fsdp.shards[i] for i in self.indices(kind)]
         if not shards:
             return []
-        row = self.layouts[kind].pack_row([s.detach() for s in shards], dtype=fsdp.dtype_for(shards[0]))
+        row = self.layouts[kind].pack_row([s.detach() for s in shards],
+                                          dtype=fsdp.compute_dtype or shards[0].dtype)
         return self.layouts[kind].unpack_rows(all_gather_rows(row, fsdp.group))
 
     def gather(self) -> None:
@@ -70,11 +71,12 @@ class _Unit:
             fulls.update(zip(self.trainable, out))
         with torch.no_grad():
             fulls.update(zip(self.frozen, self.all_gather("frozen")))
-        for j, kind in ((j, k) for k in ("trainable", "frozen") for j in range(len(self.indices(k)))):
-            i = self.indices(kind)[j]
-            fsdp._gathered[fulls[i].untyped_storage().data_ptr()] = (self, kind, j)
-            for module, name in fsdp._owners[i]:
-                setattr(module, name, fulls[i])
+        for kind in ("trainable", "frozen"):
+            for j, i in enumerate(self.indices(kind)):
+                # Remember the storage, so the pack hook knows this tensor is a parameter.
+                fsdp._gathered[fulls[i].untyped_storage().data_ptr()] = (self, kind, j)
+                for module, name in fsdp._owners[i]:
+                    setattr(module, name, fulls[i])
         self.last_gathered = [weakref.ref(t) for t in fulls.values()]
 
     def release(self) -> None:
@@ -201,9 +203,6 @@ class FullyShardedDataParallel(nn.Module):
         while m is not None and not isinstance(m, tuple(unit_types)):
             m = parent.get(m)
         return m
-
-    def dtype_for(self, shard: torch.Tensor) -> torch.dtype:
-        return self.compute_dtype or shard.dtype
 
     # -- forward and the saved-tensor hooks -----------------------------------------------
 

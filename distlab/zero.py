@@ -32,13 +32,14 @@ All communication goes through :mod:`distlab.comm`, so every byte is counted.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
 
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
 from . import comm
+from .collectives import ring_reduce_scatter
 
 GRADIENT_MODES = ("averaged", "reduce_scatter", "sharded")
 STAGES = (0, 1, 2, 3)
@@ -102,46 +103,44 @@ class ShardLayout:
             out.append(flat[:n].view(shape))
         return out
 
+    def unpack_rows_into(self, rows: torch.Tensor, fulls) -> None:
+        """:meth:`unpack_rows` written straight into existing contiguous tensors: one copy."""
+        for o, c, n, t in zip(self.offsets, self.chunks, self.numels, fulls):
+            flat, whole = t.view(-1), n // c if c else 0
+            flat[:whole * c].view(whole, c).copy_(rows[:whole, o:o + c])
+            if n > whole * c:
+                flat[whole * c:].copy_(rows[whole, o:o + n - whole * c])
+
 
 # -- the collectives ZeRO needs -----------------------------------------------------------
-
-def _peer(group, group_rank: int) -> int:
-    return group_rank if group is None else dist.get_global_rank(group, group_rank)
-
 
 def reduce_scatter(rows: torch.Tensor, group=None) -> torch.Tensor:
     """Sum ``rows`` (N, L) over the ranks and return this rank's row of the sum, (L,).
 
-    Gloo has no reduce-scatter, so this is the ring algorithm (Patarasuk and Yuan 2009) on
-    ``comm.isend``/``comm.irecv``: N-1 steps, in each a rank passes one partial sum to its
-    right neighbour and adds the one arriving from its left. Cost (N-1)·alpha +
-    (N-1)/N·n·beta for n = N·L elements, half an all-reduce, and the ledger counts exactly
-    those bytes. ``rows`` is overwritten. Other backends use their native reduce-scatter.
+    Gloo has no reduce-scatter, so on gloo this is the ring algorithm of
+    :func:`distlab.collectives.ring_reduce_scatter` (Patarasuk and Yuan 2009): N-1 steps, in
+    each a rank passes one partial sum to its right neighbour and adds the one arriving from
+    its left. Cost (N-1)·alpha + (N-1)/N·n·beta for n = N·L elements, half an all-reduce,
+    and the ledger counts exactly those bytes. ``rows`` is overwritten. Other backends use
+    their native reduce-scatter.
     """
-    N, r = dist.get_world_size(group), dist.get_rank(group)
-    if N == 1:
+    if dist.get_world_size(group) == 1:
         return rows[0]
     if dist.get_backend(group) != "gloo":
         out = rows.new_empty(rows.shape[1])
         comm.reduce_scatter_tensor(out, rows.reshape(-1), group=group)
         return out
-    right, left = _peer(group, (r + 1) % N), _peer(group, (r - 1) % N)
-    incoming = torch.empty_like(rows[0])
-    for step in range(N - 1):
-        # After step s, row (r - s - 2) holds the sum of s + 2 ranks' contributions.
-        works = [comm.isend(rows[(r - step - 1) % N], right, group=group),
-                 comm.irecv(incoming, left, group=group)]
-        for w in works:
-            w.wait()
-        rows[(r - step - 2) % N] += incoming
-    return rows[r]
+    # N·L elements split N ways: chunk r is exactly row r.
+    return ring_reduce_scatter(rows.view(-1), group, check=False)
 
 
 def all_gather_rows(row: torch.Tensor, group=None) -> torch.Tensor:
     """Every rank's ``row`` (L,), stacked: (N, L). One ring all-gather, (N-1)/N·n bytes."""
     N = dist.get_world_size(group)
     out = row.new_empty(N * row.numel())
-    comm.all_gather_into_tensor(out, row.contiguous(), group=group)
+    with warnings.catch_warnings():     # torch 2.13 renames it all_gather_single; same call
+        warnings.simplefilter("ignore", FutureWarning)
+        comm.all_gather_into_tensor(out, row.contiguous(), group=group)
     return out.view(N, -1)
 
 
@@ -309,8 +308,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.optim.step()
         rows = all_gather_rows(self.layout.pack_row(self._shards) if self._shards
                                else torch.zeros(0), self.group)
-        for p, full in zip(self._params, self.layout.unpack_rows(rows)):
-            p.copy_(full)
+        self.layout.unpack_rows_into(rows, self._params)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -215,6 +215,10 @@ def test_layout_round_trip():
     assert rows.shape == (4, 4 + 1 + 1)
     for a, b in zip(layout.unpack_rows(rows), tensors):
         torch.testing.assert_close(a, b)
+    into = [torch.zeros_like(t) for t in tensors]
+    layout.unpack_rows_into(rows, into)
+    for a, b in zip(into, tensors):
+        torch.testing.assert_close(a, b)
     shards = [layout.shard(i, t, 3) for i, t in enumerate(tensors)]
     assert [s.numel() for s in shards] == [3, 0, 0]      # 15 = 4+4+4+3; tiny ones: empty
 
