@@ -9,9 +9,9 @@ from distlab.workloads import Workload, train_reference
 
 pytestmark = pytest.mark.timeout(120)
 
-MLP = Workload("mlp", hidden=16, depth=2, batch_size=32, num_steps=3).loaded()
+MLP = Workload("mlp", hidden=16, depth=2, batch_size=32, num_steps=3)
 LM = Workload("transformer", hidden=16, num_heads=4, depth=1, block_size=8, batch_size=4,
-              num_steps=2, lr=0.3).loaded()
+              num_steps=2, lr=0.3)
 
 
 @pytest.mark.parametrize("world_size,configs", [
@@ -19,7 +19,7 @@ LM = Workload("transformer", hidden=16, num_heads=4, depth=1, block_size=8, batc
     (4, [mesh.MeshConfig(dp=2, tp=2), mesh.MeshConfig(dp=1, tp=4)]),
 ])
 def test_dp_tp_training_matches_single_process(world_size, configs):
-    workloads = [MLP, LM]
+    workloads = [MLP.loaded(), LM.loaded()]     # the caller loads the data, once
     for c in configs:
         for w in workloads:
             mesh.check(c, w)

@@ -15,9 +15,9 @@ from distlab.workloads import Workload, train_reference
 
 pytestmark = pytest.mark.timeout(150)
 
-MLP = Workload("mlp", hidden=16, depth=3, batch_size=24, num_steps=3).loaded()  # 7 layers
+MLP = Workload("mlp", hidden=16, depth=3, batch_size=24, num_steps=3)           # 7 layers
 LM = Workload("transformer", hidden=16, num_heads=2, depth=3, block_size=8, batch_size=6,
-              num_steps=2, lr=0.3).loaded()                                     # 5 layers
+              num_steps=2, lr=0.3)                                              # 5 layers
 
 
 def check_pipeline(workloads):
@@ -46,7 +46,9 @@ def check_pipeline(workloads):
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_pipeline_matches_unsplit_model(world_size):
-    workloads = [MLP, LM] if world_size == 2 else [MLP]
+    # Loaded here, not at import: the workers import this module to find check_pipeline,
+    # and loading the digits there would import scikit-learn in every one (seconds).
+    workloads = [w.loaded() for w in ([MLP, LM] if world_size == 2 else [MLP])]
     results = distlab.launch(check_pipeline, world_size, workloads, timeout=120)
     curves = iter(results[-1])             # the last stage holds the losses
     for wl in workloads:
@@ -75,6 +77,12 @@ def test_timeline_memory_and_bubble():
     peak = df.set_index(["schedule", "num_microbatches", "rank"])["peak_activations"]
     assert peak["gpipe", 4, 0] == 4 and peak["gpipe", 4, 1] == 4
     assert peak["1f1b", 4, 0] == 2 and peak["1f1b", 4, 1] == 1     # p - stage
+    # The lab's figures draw from these results. (Imported here: the workers import this
+    # test module to find check_pipeline, and need not import plotly.)
+    from distlab.model_parallel_plots import bubble_figure, gantt_figure, memory_figure
+    gantt = gantt_figure(runs[1])
+    assert {t.name for t in gantt.data} == kinds
+    assert len(bubble_figure(df).data) == 3 and len(memory_figure(df).data) == 2
 
 
 @pytest.mark.parametrize("p,m", [(1, 3), (2, 1), (3, 5), (4, 8), (4, 2)])

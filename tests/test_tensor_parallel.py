@@ -145,3 +145,19 @@ def test_column_and_row_shards_tile_the_weight():
     # Fused [Q; K; V]: rank 0 gets the first half of each of Q, K and V.
     qkv = torch.arange(12.0)
     assert tp.column_shard(qkv, 0, 2, parts=3).tolist() == [0, 1, 4, 5, 8, 9]
+
+
+def test_row_parallel_exercise_checker():
+    from distlab.exercises import model_parallel as ex
+    assert ex.check_row_parallel_forward(ex.row_parallel_forward).ok
+
+    def bias_before_the_sum(x_shard, weight_shard, bias, group=None):
+        from distlab import comm
+        y = x_shard @ weight_shard.T + bias
+        comm.all_reduce(y, group=group)
+        return y
+    verdict = ex.check_row_parallel_forward(bias_before_the_sum)
+    assert not verdict.ok and "bias is counted 2 times" in verdict.message
+    verdict = ex.check_row_parallel_forward(lambda x, w, b, group=None: x @ w.T + b)
+    assert not verdict.ok and "only this rank's partial product" in verdict.message
+    assert "row_parallel_forward" in distlab.exercises.names()
