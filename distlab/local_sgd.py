@@ -30,6 +30,7 @@ ledger into time on a simulated network of a given latency and bandwidth (labell
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -163,6 +164,18 @@ class FedAvgConfig:
 
 # -- pieces every algorithm here shares ---------------------------------------------------
 
+@contextlib.contextmanager
+def _one_thread():
+    """Run the single-process references on one thread: on tensors this small, more threads
+    only add contention (50 times slower on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _flat(params) -> torch.Tensor:
     return torch.cat([w.detach().reshape(-1) for w in params])
 
@@ -251,18 +264,20 @@ def _make_optimizer(config: LocalSGDConfig, params, group):
                                               warmup_steps=config.warmup_steps)}[config.optimizer]()
 
 
-def train(config: LocalSGDConfig, group=None, record=report) -> list[float]:
+def train(config: LocalSGDConfig, group=None, record=report, data=None) -> list[float]:
     """The worker: local SGD with period H (optionally compressed), or data-parallel Adam,
     LAMB or 1-bit Adam when ``config.optimizer`` says so.
 
     After every average it reports ``step``, ``bytes_sent``, ``comm_time``,
     ``compute_time``, ``sim_time`` (compute plus simulated communication), ``divergence``
     (``||x_r - x||^2``, every rank) and, on rank 0, ``loss`` and ``accuracy`` of the averaged
-    model. Returns the final parameters, flattened.
+    model. ``data`` is the digits data set (None: load it here; the launchers below load it
+    once in the caller, which spares every worker importing scikit-learn). Returns the final
+    parameters, flattened.
     """
     import torch.distributed as dist
     rank, p = dist.get_rank(group), dist.get_world_size(group)
-    data = digits(seed=config.seed)
+    data = data if data is not None else digits(seed=config.seed)
     shard = _shards(data, config, p)[rank]
     model = mlp(data.num_features, config.hidden, data.num_classes, depth=1, seed=config.seed)
     params = list(model.parameters())
@@ -314,13 +329,19 @@ def reference(config: LocalSGDConfig, world_size: int) -> tuple[list[float], lis
     and no compression must match it. Returns (loss after each step, from step 0; final
     parameters).
     """
+    with _one_thread():
+        return _reference(config, world_size)
+
+
+def _reference(config, world_size):
     data = digits(seed=config.seed)
     shards = _shards(data, config, world_size)
     model = mlp(data.num_features, config.hidden, data.num_classes, depth=1, seed=config.seed)
     params = list(model.parameters())
     optimizer = {"sgd": lambda: torch.optim.SGD(params, lr=config.lr),
                  "adam": lambda: torch.optim.Adam(params, lr=config.lr),
-                 "onebit_adam": lambda: torch.optim.Adam(params, lr=config.lr),  # warm-up only
+                 # its warm-up only, with OneBitAdam's eps
+                 "onebit_adam": lambda: torch.optim.Adam(params, lr=config.lr, eps=1e-3),
                  "lamb": lambda: LAMB(params, lr=config.lr)}[config.optimizer]()
     streams = [_batches(s, config.batch_size, seed=config.seed * 1000 + r + 1)
                for r, s in enumerate(shards)]
@@ -341,14 +362,14 @@ def start_run(world_size: int = 4, on_metrics=None, on_output=None, **settings) 
     process starts.
     """
     config = LocalSGDConfig(**settings)
-    return start(train, world_size, config, on_metrics=on_metrics, on_output=on_output,
-                 timeout=300)
+    return start(train, world_size, config, data=digits(seed=config.seed),
+                 on_metrics=on_metrics, on_output=on_output, timeout=300)
 
 
 # -- federated averaging ------------------------------------------------------------------
 
-def _client_data(config: FedAvgConfig):
-    data = digits(seed=config.seed)
+def _client_data(config: FedAvgConfig, data=None):
+    data = data if data is not None else digits(seed=config.seed)
     return data, _shards(data, config, config.num_clients)
 
 
@@ -367,16 +388,17 @@ def _local_update(model, params, global_x, data, shard, config, round_, client):
     return _flat(params)
 
 
-def train_fedavg(config: FedAvgConfig, group=None, record=report) -> list[float]:
+def train_fedavg(config: FedAvgConfig, group=None, record=report, data=None) -> list[float]:
     """The worker: FedAvg rounds; this rank runs the sampled clients it hosts (k mod p).
 
     Reports per round ``step`` (the round), traffic and times as :func:`train`, the mean
     ``divergence`` of this rank's clients from the new global model, and on rank 0 the
-    global model's ``loss`` and ``accuracy``. Returns the final global parameters.
+    global model's ``loss`` and ``accuracy``. ``data`` as for :func:`train`. Returns the
+    final global parameters.
     """
     import torch.distributed as dist
     rank, p = dist.get_rank(group), dist.get_world_size(group)
-    data, shards = _client_data(config)
+    data, shards = _client_data(config, data)
     model = mlp(data.num_features, config.hidden, data.num_classes, depth=1, seed=config.seed)
     params = list(model.parameters())
     global_x = _flat(params)
@@ -407,6 +429,11 @@ def train_fedavg(config: FedAvgConfig, group=None, record=report) -> list[float]
 def fedavg_reference(config: FedAvgConfig) -> tuple[list[float], list[float]]:
     """Single-process FedAvg: (global training loss after each round, from round 0; final
     parameters)."""
+    with _one_thread():
+        return _fedavg_reference(config)
+
+
+def _fedavg_reference(config):
     data, shards = _client_data(config)
     model = mlp(data.num_features, config.hidden, data.num_classes, depth=1, seed=config.seed)
     params = list(model.parameters())
@@ -426,18 +453,18 @@ def fedavg_reference(config: FedAvgConfig) -> tuple[list[float], list[float]]:
 def start_fedavg(world_size: int = 4, on_metrics=None, on_output=None, **settings) -> Run:
     """Start :func:`train_fedavg` without blocking; ``settings`` are :class:`FedAvgConfig` fields."""
     config = FedAvgConfig(**settings)
-    return start(train_fedavg, world_size, config, on_metrics=on_metrics,
-                 on_output=on_output, timeout=300)
+    return start(train_fedavg, world_size, config, data=digits(seed=config.seed),
+                 on_metrics=on_metrics, on_output=on_output, timeout=300)
 
 
 # -- several runs in one launch (for sweeps and the lab's comparisons) --------------------
 
-def _run_all(configs: dict):
+def _run_all(configs: dict, datasets: dict):
     out = {}
     for name, config in configs.items():
         records = []
         worker = train_fedavg if isinstance(config, FedAvgConfig) else train
-        worker(config, record=lambda **r: records.append(r))
+        worker(config, record=lambda **r: records.append(r), data=datasets[config.seed])
         out[name] = records
     return out
 
@@ -453,7 +480,8 @@ def compare(configs: dict, world_size: int = 4, timeout: float = 600) -> pd.Data
     Returns:
         The tidy frame of every record: ``run, rank, step, ...``.
     """
-    results = launch(_run_all, world_size, configs, timeout=timeout)
+    datasets = {c.seed: digits(seed=c.seed) for c in configs.values()}   # loaded once, here
+    results = launch(_run_all, world_size, configs, datasets, timeout=timeout)
     rows = [{"run": name, "rank": rank, **r} for rank, res in enumerate(results)
             for name, recs in res.items() for r in recs]
     return pd.DataFrame(rows)

@@ -108,20 +108,27 @@ class OneBitAdam(torch.optim.Optimizer):
     One departure from Tang et al.: what is compressed is ``m_r / (sqrt(v_hat) + eps)``, the
     momentum in the coordinates of the frozen preconditioner (every rank has the same
     ``v_hat``, so uncompressed this changes nothing). Compressing ``m_r`` itself with one
-    sign and one scale gives a coordinate of tiny variance a step of ``scale / eps``: on the
-    digits, whose corner pixels are almost always 0, training diverges at once.
+    sign and one scale gives every coordinate a step of about ``scale / (sqrt(v_i) + eps)``,
+    enormous where the variance is tiny (on the digits, whose corner pixels are almost
+    always 0, that diverged at once).
+
+    And ``eps`` defaults to 1e-3, not Adam's 1e-8: with ``v`` frozen, a coordinate that
+    was almost never active during the warm-up and becomes active later is divided by
+    ``sqrt(v_i) + eps`` ~ eps, and the sign compressor's single scale then spreads that
+    huge value over every coordinate (with eps = 1e-8, 1-bit Adam diverged on the digits
+    within 20 steps of the warm-up's end; uncompressed frozen-``v`` Adam did not).
 
     Args:
         params: the parameters (one group).
         lr: learning rate, > 0.
         betas: ``(b1, b2)``, each in [0, 1).
-        eps: added to the denominator, >= 0.
+        eps: added to the denominator, >= 0 (see above for the default).
         warmup_steps: steps of full-precision Adam before ``v`` is frozen, >= 1.
         compressor: how the momentum is compressed (default: :class:`~distlab.compression.Sign`).
         group: the process group (None: the world).
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-3,
                  warmup_steps: int = 20, compressor: Compressor | None = None, group=None):
         _check("lr", lr, 1e-12, float("inf"), "OneBitAdam")
         _check("betas[0]", betas[0], 0, 1, "OneBitAdam")

@@ -27,6 +27,11 @@ NUM_PARAMETERS = sum(p.numel() for p in mlp(64, 32, 10, depth=1).parameters())
 
 def local_sgd_simulation(config, world_size):
     """One process plays every rank: H local SGD steps each, then the mean model."""
+    with L._one_thread():
+        return _simulation(config, world_size)
+
+
+def _simulation(config, world_size):
     data = L.digits(seed=config.seed)
     shards = L._shards(data, config, world_size)
     models = [mlp(64, config.hidden, 10, depth=1, seed=config.seed) for _ in range(world_size)]
