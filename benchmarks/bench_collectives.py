@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import sys
 import time
@@ -94,18 +95,21 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results/collectives.md")
     args = ap.parse_args(argv)
     distlab.warm_up()
-    t0 = time.time()
+    t0, load_before = time.time(), os.getloadavg()[0]
     bw_lines, target = bandwidth_table(args.sizes, SIZES, args.repeats)
     fit_lines, overall, _ = model_table(args.sizes, SIZES, max(3, args.repeats - 2))
     ratio = target["gloo"] / target["ring"] if target else float("nan")
     out = [
         "# Collectives from scratch: ring all-reduce vs gloo, and the α-β model",
         "",
-        f"Command: `.venv/bin/python benchmarks/bench_collectives.py "
-        f"{' '.join(sys.argv[1:])}`".rstrip() + "`" * 0,
+        "Command: `" + " ".join([".venv/bin/python benchmarks/bench_collectives.py"]
+                                + sys.argv[1:]) + "`",
         f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
         f"{torch.__version__}, gloo on CPU, loopback; took {time.time() - t0:.0f} s.",
-        "Median over repeats of the slowest rank's time per call; float32.",
+        "Median over repeats of the slowest rank's time per call; float32. "
+        f"Machine: {os.cpu_count()} cores, load average {load_before:.1f} before and "
+        f"{os.getloadavg()[0]:.1f} after the run (other jobs share the cores: small "
+        "messages measure the scheduler more than the algorithm).",
         "",
         "## 1. distlab ring all-reduce vs gloo's built-in all_reduce (same processes, interleaved)",
         "",

@@ -68,8 +68,8 @@ def _group_rank_and_size(tensor, group, check, name) -> tuple[int, int]:
 
 
 _MAX_DIMS = 8
-_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
-           torch.int32, torch.int16, torch.int8, torch.uint8, torch.complex64, torch.complex128]
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
+           torch.int32, torch.int16, torch.int8, torch.uint8, torch.complex64, torch.complex128)
 
 
 def _check_same_tensor_everywhere(tensor, group, name) -> None:
