@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import comm
+from .launcher import device
 from .metrics import report
 from .tensor_parallel import TensorParallelConfig, shard_mlp, shard_transformer
 from .workloads import Workload
@@ -148,11 +149,13 @@ def train(config: MeshConfig, workload: Workload) -> dict:
     compute it), its place in the grid, and its communication ``by_op``.
     """
     mesh = build_mesh(config)
-    model = parallel_model(workload, mesh)
+    dev = device()                    # the CPU on gloo, this rank's GPU on NCCL
+    model = parallel_model(workload, mesh).to(dev)
     comm.ledger().reset()        # count the training only, not building the groups
     losses = []
     for step, (X, y) in enumerate(workload.batches()):
         X, y = X.chunk(config.dp)[mesh.dp_rank], y.chunk(config.dp)[mesh.dp_rank]
+        X, y = X.to(dev), y.to(dev)
         loss = workload.loss(model(X), y)
         loss.backward()
         if config.dp > 1:

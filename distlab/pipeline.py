@@ -26,7 +26,7 @@ wait, so neither schedule can deadlock. (``batch_isend_irecv`` would hang on glo
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import comm
+from .launcher import device
 from .metrics import report
 from .workloads import Workload
 
@@ -101,18 +102,16 @@ class Timeline:
     def __init__(self, rank: int):
         self.rank, self.events, self.t0, self.step = rank, [], time.perf_counter(), 0
 
+    @contextmanager
     def span(self, kind: str, microbatch: int):
-        timeline = self
-
-        class _Span:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timeline.events.append(dict(
-                    rank=timeline.rank, step=timeline.step, kind=kind, microbatch=microbatch,
-                    start=self.start - timeline.t0, end=time.perf_counter() - timeline.t0))
-        return _Span()
+        """Record the time spent in the ``with`` block as one event."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.events.append(dict(rank=self.rank, step=self.step, kind=kind,
+                                    microbatch=microbatch, start=start - self.t0,
+                                    end=time.perf_counter() - self.t0))
 
 
 class ActivationMeter:
@@ -161,13 +160,14 @@ class PipelineStage:
         peer = lambda s: dist.get_global_rank(group, s) if group is not None else s
         self.prev = peer(stage - 1) if stage > 0 else None
         self.next = peer(stage + 1) if stage < num_stages - 1 else None
+        self.device = device()       # receive buffers: the CPU on gloo, the GPU on NCCL
         self.timeline = Timeline(dist.get_rank())
         self.meter = ActivationMeter(list(layers.parameters()))
         self._pending = []   # isend handles and their tensors, kept alive until done
 
     def _send(self, t: torch.Tensor, dst: int, microbatch: int):
         with self.timeline.span("send", microbatch):
-            header = torch.zeros(HEADER, dtype=torch.long)
+            header = torch.zeros(HEADER, dtype=torch.long, device=self.device)
             header[0], header[1: 1 + t.dim()] = t.dim(), torch.tensor(t.shape)
             t = t.detach().contiguous()
             self._pending += [(comm.isend(header, dst, self.group), header),
@@ -176,11 +176,11 @@ class PipelineStage:
     def _recv(self, src: int, microbatch: int) -> torch.Tensor:
         # The header arrives when the peer has its tensor ready: waiting for it is idle
         # time (the bubble); the payload that follows is the transfer itself.
-        header = torch.empty(HEADER, dtype=torch.long)
+        header = torch.empty(HEADER, dtype=torch.long, device=self.device)
         with self.timeline.span("idle", microbatch):
             comm.recv(header, src, self.group)
         with self.timeline.span("recv", microbatch):
-            t = torch.empty(header[1: 1 + header[0]].tolist())
+            t = torch.empty(header[1: 1 + header[0]].tolist(), device=self.device)
             comm.recv(t, src, self.group)
         return t
 
@@ -239,8 +239,9 @@ def train(config: PipelineConfig, workload: Workload) -> dict:
     rank = dist.get_rank()
     model = workload.build_model()
     layers = partition(len(model), config.num_stages)[rank]
-    stage = PipelineStage(nn.Sequential(*list(model)[layers.start: layers.stop]), rank,
-                          config.num_stages)
+    dev = device()                    # the CPU on gloo, this rank's GPU on NCCL
+    stage = PipelineStage(nn.Sequential(*list(model)[layers.start: layers.stop]).to(dev),
+                          rank, config.num_stages)
     comm.barrier()                    # start every rank's clock together
     stage.timeline.t0 = time.perf_counter()
     comm.ledger().reset()
@@ -250,7 +251,7 @@ def train(config: PipelineConfig, workload: Workload) -> dict:
         # figures (without it the last stage starts waiting while the first still finishes
         # the previous step, and the picture of one step shows the idle time of two).
         comm.barrier()
-        loss = stage.train_step(X, y, workload.loss, config)
+        loss = stage.train_step(X.to(dev), y.to(dev), workload.loss, config)
         workload.sgd_step(stage.layers.parameters())
         if loss is not None:
             losses.append(loss)

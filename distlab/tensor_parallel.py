@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import comm
+from .transformer import attend
 
 
 # ----------------------------------------------------------------------------------------
@@ -263,7 +264,6 @@ class ParallelSelfAttention(nn.Module):
                    RowParallelLinear.from_linear(attn.proj, group), attn.num_heads // p)
 
     def forward(self, x):
-        from .transformer import attend
         return self.proj(attend(self.qkv(x), self.num_heads))
 
 

@@ -107,7 +107,7 @@ class Embedding(nn.Module):
         self.tok, self.pos = nn.Embedding(vocab_size, d_model), nn.Embedding(block_size, d_model)
 
     def forward(self, idx):
-        return self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+        return self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
 
 
 class Head(nn.Module):
