@@ -122,3 +122,31 @@ def test_zero_resumes_exactly_and_reshards_to_another_world_size(tmp_path, digit
     assert one["start_step"] == 20 and one["history"][:20] == full[0]["history"][:20]
     # Same global batches, summed in another order: equal to float32 rounding.
     torch.testing.assert_close(one["params"], full[0]["params"])
+
+
+def _in_place(obj, path):
+    torch.save(obj, path)
+
+
+def _buffered_in_place(obj, path):
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+
+
+def _no_fsync(obj, path):
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def test_atomic_save_exercise_checker():
+    from distlab.exercises import fault_tolerance as ex
+    assert ex.check_atomic_save(ex.atomic_save).ok
+    verdict = ex.check_atomic_save(_in_place)
+    assert not verdict.ok and "checkpoint 1 is lost" in verdict.message
+    verdict = ex.check_atomic_save(_buffered_in_place)
+    assert not verdict.ok and "rewritten in place" in verdict.message
+    verdict = ex.check_atomic_save(_no_fsync)
+    assert not verdict.ok and "os.fsync" in verdict.message
