@@ -297,7 +297,7 @@ def train(config: LocalSGDConfig, group=None, record=report, data=None) -> list[
 
     log(0, 0.0)
     for step in range(1, config.num_steps + 1):
-        t0 = time.perf_counter()
+        t0, comm0 = time.perf_counter(), comm.ledger().totals()["comm_time"]
         idx = next(batches)
         if optimizer is None:
             _sgd_step(model, params, data.X[idx], data.y[idx], config.lr)
@@ -310,7 +310,9 @@ def train(config: LocalSGDConfig, group=None, record=report, data=None) -> list[
                                           group=group)
                 _assign([w.grad for w in params], g)
             optimizer.step()
-        meter.compute_time += time.perf_counter() - t0
+        # compute only: the optimizers' gradient all-reduce is communication
+        meter.compute_time += (time.perf_counter() - t0
+                               - (comm.ledger().totals()["comm_time"] - comm0))
         if optimizer is not None:
             log(step, 0.0)
         elif step % config.period == 0 or step == config.num_steps:
