@@ -85,7 +85,7 @@ def comm_volume_figure(runs: dict[str, dict]) -> go.Figure:
     of :func:`distlab.mesh.train`."""
     fig = go.Figure(layout=dict(title="communication per rank and step", barmode="stack",
                                 yaxis_title="bytes sent per step", template="plotly_white",
-                                height=360))
+                                height=360, showlegend=True))
     ops = sorted({op for r in runs.values() for op in r["by_op"]})
     for op in ops:
         fig.add_bar(x=list(runs), name=op,
