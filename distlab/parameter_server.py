@@ -59,7 +59,7 @@ from .launcher import start as _start
 from .metrics import report
 
 PROBLEMS = ("linear_regression", "digits")
-_PUSH, _STOP, _GO = 1.0, 0.0, 1.0
+_STOP, _GO, _BYE = 0.0, 1.0, -1   # reply codes; _BYE in a push's clock: "I am leaving"
 _HEAD = 4   # push: [worker, clock, version_read, loss]   reply: [go/stop, version, tau, lr]
 
 
@@ -241,6 +241,12 @@ def _receiver(buf_size: int, group, inbox: queue.Queue, go_on: queue.Queue) -> N
 
 
 def _serve(config: ParameterServerConfig, shard: int, group) -> dict:
+    """Server shard ``shard``: apply pushes as they arrive, answer each with fresh parameters.
+
+    A worker that pushed is *waiting* until the wait rule lets it start its next clock; it
+    is then sent the parameters and is *busy* until its next push. A busy worker silent for
+    ``worker_timeout`` seconds is *lost*: the others carry on without it.
+    """
     model, ds, _ = build_problem(config)
     lo, hi = shard_bounds(sum(p.numel() for p in model.parameters()), config.num_servers)[shard]
     x = parameters_to_vector(model.parameters()).detach()[lo:hi].clone()   # (hi - lo,)
@@ -297,6 +303,9 @@ def _serve(config: ParameterServerConfig, shard: int, group) -> dict:
         w, clock, v_read, loss = int(msg[0]), int(msg[1]), int(msg[2]), float(msg[3])
         g = msg[_HEAD:]
         busy.discard(w)
+        if clock == _BYE:                            # another shard told it to stop
+            finished.add(w)
+            return None
         if w in lost or st.reason is not None:      # too late: the run has moved on
             return reply(w, False)
         st.clocks[w] = clock + 1
@@ -395,6 +404,7 @@ class _ServerState:
 # ----------------------------------------------------------------------------------------
 
 def _work(config: ParameterServerConfig, worker: int, group) -> dict:
+    """Worker ``worker``: pull from every shard, compute a gradient, push its slices back."""
     model, ds, loss_fn = build_problem(config)
     P = sum(p.numel() for p in model.parameters())
     bounds = shard_bounds(P, config.num_servers)
@@ -408,6 +418,13 @@ def _work(config: ParameterServerConfig, worker: int, group) -> dict:
         for wk in works:
             wk.wait()
         if any(r[0] == _STOP for r in replies):
+            # Shards decide to stop independently (each counts its own updates; only shard
+            # 0 sees the loss): tell the others, which are waiting for a push, that we leave.
+            byes = [comm.isend(torch.cat([torch.tensor([worker, _BYE, 0, 0]),
+                                          torch.zeros(hi - lo)]), j, group=group)
+                    for j, ((lo, hi), r) in enumerate(zip(bounds, replies)) if r[0] == _GO]
+            for wk in byes:
+                wk.wait()
             break
         versions = [int(r[1]) for r in replies]
         if clock > 0:   # the server measured the previous gradient's staleness

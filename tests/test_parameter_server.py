@@ -19,6 +19,16 @@ def test_bsp_reproduces_synchronous_sgd(num_workers, num_servers):
     assert result.metrics["staleness"].dropna().eq(0).all()
 
 
+def test_sharded_async_stops_cleanly_on_target():
+    # Shards stop independently; workers must tell the other shard they leave (no timeout).
+    cfg = ps.ParameterServerConfig(num_workers=2, num_servers=2, staleness=None, lr=0.1,
+                                   num_steps=400, target_loss=0.05)
+    result = ps.train(cfg, timeout=60)
+    assert result.lost == {} and result.servers[1]["lost"] == {}
+    assert result.servers[0]["stopped"].startswith("reached target loss")
+    assert max(s["elapsed"] for s in result.servers) < 5
+
+
 def _replay(log, num_workers, staleness):
     """Recompute clock gaps and delays from the server's event log, independently."""
     pushed, applied, gaps, taus = [0] * num_workers, 0, [], []
