@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import distlab
 from distlab import staleness as st
 from distlab.parameter_server import build_problem, gradient
 from torch.nn.utils import parameters_to_vector
