@@ -498,6 +498,30 @@ def bytes_to_reach(df: pd.DataFrame, target_loss: float) -> dict:
     return out
 
 
+def curves_figure(df: pd.DataFrame, x: str = "bytes_sent", y: str = "loss", title: str = "",
+                  log_x: bool = False, log_y: bool = True):
+    """A static plotly figure of finished runs: ``y`` against ``x``, one line per run.
+
+    Ranks are averaged at each ``x`` (as :class:`distlab.viz.LiveFigure` does); ``loss``
+    and ``accuracy`` come from rank 0 only. Static figures keep a saved notebook small:
+    each live ``FigureWidget`` carries its own copy of plotly.js.
+    """
+    import plotly.graph_objects as go
+    from .viz import axis_title as _title
+    names = {"sim_time": "simulated wall time (s)", "divergence": "divergence ||x_r - x||^2"}
+    axis_title = lambda name: names.get(name, _title(name))  # noqa: E731
+    fig = go.Figure()
+    for run, d in df.dropna(subset=[x, y]).groupby("run", sort=False):
+        line = d.groupby(x, sort=True)[y].mean()
+        fig.add_scatter(x=line.index, y=line.values, mode="lines", name=run)
+    fig.update_layout(title=title or f"{axis_title(y)} against {axis_title(x)}",
+                      xaxis_title=axis_title(x), yaxis_title=axis_title(y),
+                      xaxis_type="log" if log_x else "linear",
+                      yaxis_type="log" if log_y else "linear",
+                      template="plotly_white", height=360, margin=dict(l=60, r=20, t=50, b=50))
+    return fig
+
+
 def frontier_figure(df: pd.DataFrame, title: str = "final accuracy against total bytes sent"):
     """A plotly scatter: each run's final held-out accuracy against its total bytes per rank."""
     import plotly.graph_objects as go
@@ -512,5 +536,6 @@ def frontier_figure(df: pd.DataFrame, title: str = "final accuracy against total
 
 __all__ = [
     "LocalSGDConfig", "FedAvgConfig", "train", "reference", "start_run", "train_fedavg",
-    "fedavg_reference", "start_fedavg", "compare", "bytes_to_reach", "frontier_figure",
+    "fedavg_reference", "start_fedavg", "compare", "bytes_to_reach", "curves_figure",
+    "frontier_figure",
     "simulated_comm_time", "evaluate"]
