@@ -33,9 +33,11 @@ from . import comm
 from .compression import Compressor, Sign, all_reduce_compressed
 
 
-def _check(name: str, value, lo: float, hi: float, cls: str):
-    if not (isinstance(value, (int, float)) and lo <= value < hi):
-        raise ValueError(f"{cls}.{name}={value!r} is out of range; allowed [{lo}, {hi})")
+def _check(name: str, value, lo: float, hi: float, cls: str, open_lo: bool = False):
+    ok = isinstance(value, (int, float)) and (lo < value if open_lo else lo <= value) and value < hi
+    if not ok:
+        raise ValueError(f"{cls}.{name}={value!r} is out of range; allowed "
+                         f"{'(' if open_lo else '['}{lo:g}, {hi:g})")
 
 
 class LAMB(torch.optim.Optimizer):
@@ -60,7 +62,7 @@ class LAMB(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0):
-        _check("lr", lr, 1e-12, float("inf"), "LAMB")
+        _check("lr", lr, 0, float("inf"), "LAMB", open_lo=True)
         _check("betas[0]", betas[0], 0, 1, "LAMB")
         _check("betas[1]", betas[1], 0, 1, "LAMB")
         _check("eps", eps, 0, float("inf"), "LAMB")
@@ -130,7 +132,7 @@ class OneBitAdam(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-3,
                  warmup_steps: int = 20, compressor: Compressor | None = None, group=None):
-        _check("lr", lr, 1e-12, float("inf"), "OneBitAdam")
+        _check("lr", lr, 0, float("inf"), "OneBitAdam", open_lo=True)
         _check("betas[0]", betas[0], 0, 1, "OneBitAdam")
         _check("betas[1]", betas[1], 0, 1, "OneBitAdam")
         _check("eps", eps, 0, float("inf"), "OneBitAdam")
