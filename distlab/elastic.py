@@ -304,6 +304,9 @@ class ElasticRun:
         try:
             dataset = load_dataset(self.config.task)    # once, here, not in every worker
             for attempt in range(self.elastic.max_restarts + 1):
+                if self._stopped:
+                    self.error = WorkerError(None, "stopped by the user")
+                    return
                 if attempt:
                     self._event("restart", attempt=attempt, world_size=world_size)
                 t_start = time.time()
