@@ -287,8 +287,16 @@ class Run:
     """
 
     def __init__(self, fn, world_size, args, kwargs, *, backend=None, timeout=120.0,
-                 num_threads=1, on_output=None, on_metrics=None, name=None):
+                 num_threads=1, on_output=None, on_metrics=None, name=None,
+                 expendable_ranks=()):
         _validate(fn, world_size, timeout, num_threads)
+        self.expendable_ranks = frozenset(expendable_ranks)
+        if not self.expendable_ranks <= set(range(world_size)) or \
+                len(self.expendable_ranks) == world_size:
+            raise ValueError(f"expendable_ranks={sorted(self.expendable_ranks)} must be ranks in "
+                             f"0..{world_size - 1}, and not all of them")
+        self.lost: dict[int, str] = {}
+        """``{rank: reason}`` for expendable ranks that died; the run went on without them."""
         self.backend = resolve_backend(backend, world_size)
         try:
             payload = cloudpickle.dumps((fn, args, kwargs))
@@ -375,7 +383,7 @@ class Run:
                         exited.add(r)
                         if r not in self._results and r not in self._failures:
                             code = self._procs[r].exitcode
-                            self._failures[r] = (time.monotonic(), _describe_exit(code), "")
+                            self._fail(r, _describe_exit(code), "")
                 if batch and self._on_metrics is not None:
                     try:
                         self._on_metrics(batch)
@@ -390,7 +398,7 @@ class Run:
                 if (first_failure_at is None and self._deadline is not None
                         and time.monotonic() > self._deadline):
                     running = [r for r in range(self.world_size) if r not in exited
-                               and r not in self._results]
+                               and r not in self._results and r not in self.lost]
                     self._stop_rank = running[0] if len(running) == 1 else None
                     self._stop_reason = (f"timed out after {self.timeout:g} s; ranks still "
                                          f"running: {running}")
@@ -447,8 +455,14 @@ class Run:
             elif kind == "result":
                 self._results[rank] = msg[1]
             elif kind == "error":
-                self._failures[rank] = (time.monotonic(), f"raised {msg[1]}", msg[2])
+                self._fail(rank, f"raised {msg[1]}", msg[2])
         return records
+
+    def _fail(self, rank: int, reason: str, tb: str) -> None:
+        if rank in self.expendable_ranks:   # the run goes on without it
+            self.lost.setdefault(rank, reason)
+        else:
+            self._failures[rank] = (time.monotonic(), reason, tb)
 
     def _kill_all(self):
         procs = [p for p in self._procs if p.is_alive()]
@@ -479,8 +493,8 @@ class Run:
             self._error = WorkerError(self._stop_rank, self._stop_reason)
         elif self._error is None and self._failures:
             self._error = self._failure_error()
-        elif self._error is None and len(self._results) < self.world_size:
-            missing = sorted(set(range(self.world_size)) - set(self._results))
+        elif self._error is None and len(self._results) + len(self.lost) < self.world_size:
+            missing = sorted(set(range(self.world_size)) - set(self._results) - set(self.lost))
             self._error = WorkerError(missing[0], "exited without a result")
         self._done.set()
 
@@ -525,7 +539,7 @@ class Run:
             raise
         if self._error is not None:
             raise self._error
-        return [self._results[r] for r in range(self.world_size)]
+        return [self._results.get(r) for r in range(self.world_size)]
 
     @property
     def error(self) -> BaseException | None:
@@ -571,7 +585,8 @@ def _describe_exit(code: int | None) -> str:
 def start(fn: Callable, world_size: int, *args, backend: str | None = None,
           timeout: float | None = 120.0, num_threads: int = 1,
           on_output: Callable[[int, str, str], None] | None = None,
-          on_metrics: Callable[[list[dict]], None] | None = None, **kwargs) -> Run:
+          on_metrics: Callable[[list[dict]], None] | None = None,
+          expendable_ranks: tuple = (), **kwargs) -> Run:
     """Start ``fn(*args, **kwargs)`` on ``world_size`` processes and return a :class:`Run` at once.
 
     The non-blocking form of :func:`launch`, for widgets: the caller keeps control, can
@@ -588,21 +603,26 @@ def start(fn: Callable, world_size: int, *args, backend: str | None = None,
             printed to this process's stdout/stderr, prefixed by the rank.
         on_metrics: ``callback(records)`` called from a background thread with each batch of
             new metric records, for live plots.
+        expendable_ranks: ranks whose death does not end the run (a parameter server's
+            workers, say): their result is None and :attr:`Run.lost` says why they died.
     """
     return Run(fn, world_size, args, kwargs, backend=backend, timeout=timeout,
-               num_threads=num_threads, on_output=on_output, on_metrics=on_metrics)
+               num_threads=num_threads, on_output=on_output, on_metrics=on_metrics,
+               expendable_ranks=expendable_ranks)
 
 
 def launch(fn: Callable, world_size: int, *args, backend: str | None = None,
            timeout: float | None = 120.0, num_threads: int = 1,
            on_output: Callable[[int, str, str], None] | None = None,
-           on_metrics: Callable[[list[dict]], None] | None = None, **kwargs) -> list:
+           on_metrics: Callable[[list[dict]], None] | None = None,
+           expendable_ranks: tuple = (), **kwargs) -> list:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` real processes; return their results.
 
     Each process has the default torch.distributed process group initialized (gloo on CPU,
     NCCL when there is one GPU per rank). The return values come back in rank order.
     Arguments are as for :func:`start`; ``backend``, ``timeout``, ``num_threads``,
-    ``on_output`` and ``on_metrics`` are the launcher's own and are not passed to ``fn``.
+    ``on_output``, ``on_metrics`` and ``expendable_ranks`` are the launcher's own and are not
+    passed to ``fn``.
 
     Raises:
         WorkerError: a worker raised (its traceback is included), exited without a result,
@@ -621,7 +641,7 @@ def launch(fn: Callable, world_size: int, *args, backend: str | None = None,
     """
     return start(fn, world_size, *args, backend=backend, timeout=timeout,
                  num_threads=num_threads, on_output=on_output, on_metrics=on_metrics,
-                 **kwargs).result()
+                 expendable_ranks=expendable_ranks, **kwargs).result()
 
 
 def init_from_env(backend: str | None = None) -> None:

@@ -248,3 +248,18 @@ def test_same_function_runs_under_torchrun(tmp_path):
                          env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "RESULT (0, 2, 3.0)" in out.stdout and "RESULT (1, 2, 3.0)" in out.stdout
+
+
+def test_expendable_rank_may_die_and_the_run_goes_on():
+    def work():
+        if dist.get_rank() == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(0.5)
+        return dist.get_rank()
+    run = distlab.start(work, 3, expendable_ranks=(2,))
+    assert run.result() == [0, 1, None]
+    assert run.lost == {2: "was killed by SIGKILL"}
+    with pytest.raises(ValueError, match="expendable_ranks"):
+        distlab.launch(work, 2, expendable_ranks=(0, 1))
+    with pytest.raises(ValueError, match="expendable_ranks"):
+        distlab.launch(work, 2, expendable_ranks=(5,))
