@@ -98,12 +98,10 @@ def _check_same_tensor_everywhere(tensor, group, name) -> None:
                      f"but got {seen}")
 
 
-def _exchange(send_buf, dst, recv_buf, src, group, network, me, trace, event, sends=None):
+def _exchange(send_buf, dst, recv_buf, src, group, network, me, trace, event):
     """Send ``send_buf`` to ``dst`` while receiving ``recv_buf`` from ``src``; wait for both.
 
     ``me``, ``dst`` and ``src`` are group ranks; a ``None`` buffer means no message that way.
-    With a ``sends`` list, the send is not waited for but appended to it: the caller waits
-    later, before it writes into that buffer again (the ring does, to overlap the steps).
     """
     t0 = _clock()
     if network is not None and send_buf is not None:
@@ -112,8 +110,7 @@ def _exchange(send_buf, dst, recv_buf, src, group, network, me, trace, event, se
     if recv_buf is not None:   # post the receive first: the peer's message has a home
         works.append(comm.irecv(recv_buf, _global(group, src), group=group))
     if send_buf is not None:
-        work = comm.isend(send_buf, _global(group, dst), group=group)
-        (works if sends is None else sends).append(work)
+        works.append(comm.isend(send_buf, _global(group, dst), group=group))
     for w in works:
         w.wait()
     if trace is not None:
@@ -216,6 +213,36 @@ def recursive_doubling_all_reduce(tensor, group=None, *, check=True, network=Non
 # The ring: reduce-scatter, then all-gather, one chunk per step around the ring.
 # ----------------------------------------------------------------------------------------
 
+def _ring_pass(chunks, sends, recvs, add, group, network, me, p, trace, phase, step0):
+    """p-1 steps around the ring: in step s send ``chunks[sends[s]]`` right, receive left.
+
+    Every receive is posted before the first send (``recvs[s]`` is the buffer of step s, or
+    None for an empty chunk), so a message never waits for its receiver to say it is ready:
+    on gloo that handshake would otherwise sit on the critical path of every step. With
+    ``add``, the received buffer of step s is added into ``chunks[add[s]]``.
+    """
+    right, left = (me + 1) % p, (me - 1) % p
+    pending = [None if b is None else comm.irecv(b, _global(group, left), group=group)
+               for b in recvs]
+    sent = []     # a sent chunk is not written again in this pass: wait for the sends last
+    for s in range(p - 1):
+        t0 = _clock()
+        out = chunks[sends[s]]
+        if out.numel():                                   # an empty chunk: no message
+            if network is not None:
+                network.inject(comm.nbytes(out), _global(group, me), _global(group, right))
+            sent.append(comm.isend(out, _global(group, right), group=group))
+        if pending[s] is not None:
+            pending[s].wait()
+            if add is not None:
+                chunks[add[s]].add_(recvs[s])
+        if trace is not None:
+            trace.append(dict(phase=phase, step=step0 + s, chunk=sends[s], rank=me, dst=right,
+                              src=left, start=t0, end=_clock(), nbytes=comm.nbytes(out)))
+    for w in sent:
+        w.wait()
+
+
 def ring_reduce_scatter(tensor, group=None, *, check=True, network=None, trace=None):
     """Sum ``tensor`` over the group so that rank r ends with chunk r of the sum, in place.
 
@@ -225,26 +252,17 @@ def ring_reduce_scatter(tensor, group=None, *, check=True, network=None, trace=N
     rank r-1 (Patarasuk and Yuan 2009; Thakur et al. 2005, section 4.5). After p-1 steps
     chunk r on rank r holds the full sum; the other chunks hold partial sums.
 
-    Returns chunk r (a view into ``tensor``).
+    Returns chunk r (a view into ``tensor``). Uses (p-1)/p·n bytes of receive buffers.
     Cost: ``(p-1)·alpha + (p-1)/p·n·beta``.
     """
     me, p = _group_rank_and_size(tensor, group, check, "ring_reduce_scatter")
     chunks = tensor.view(-1).tensor_split(p)
     if p == 1 or tensor.numel() == 0:
         return chunks[me]
-    right, left = (me + 1) % p, (me - 1) % p
-    buf = torch.empty_like(chunks[0])          # chunk 0 is the longest
-    sends = []    # a sent chunk is never written again in this phase: no need to wait yet
-    for s in range(p - 1):
-        out, into = (me - s - 1) % p, (me - s - 2) % p
-        send = chunks[out] if chunks[out].numel() else None   # empty chunk: no message
-        recv = buf[: chunks[into].numel()] if chunks[into].numel() else None
-        _exchange(send, right, recv, left, group, network, me, trace,
-                  dict(phase="reduce-scatter", step=s, chunk=out), sends)
-        if recv is not None:
-            chunks[into].add_(recv)
-    for w in sends:
-        w.wait()
+    into = [(me - s - 2) % p for s in range(p - 1)]
+    bufs = [torch.empty_like(chunks[c]) if chunks[c].numel() else None for c in into]
+    _ring_pass(chunks, [(me - s - 1) % p for s in range(p - 1)], bufs, into, group, network,
+               me, p, trace, "reduce-scatter", 0)
     return chunks[me]
 
 
@@ -253,8 +271,8 @@ def ring_all_gather(tensor, group=None, *, check=True, network=None, trace=None)
 
     On entry rank r's chunk r (``torch.tensor_split`` into p chunks) is valid; the rest is
     overwritten. In step s = 0 .. p-2, rank r forwards chunk ``(r-s) mod p`` to rank r+1 and
-    receives chunk ``(r-s-1) mod p`` from rank r-1 (Thakur et al. 2005, section 4.1).
-    ``all_gather_into_tensor`` with the input already in place.
+    receives chunk ``(r-s-1) mod p`` from rank r-1 (Thakur et al. 2005, section 4.1), straight
+    into its place. ``all_gather_into_tensor`` with the input already in place.
 
     Cost: ``(p-1)·alpha + (p-1)/p·n·beta``.
     """
@@ -262,15 +280,10 @@ def ring_all_gather(tensor, group=None, *, check=True, network=None, trace=None)
     if p == 1 or tensor.numel() == 0:
         return tensor
     chunks = tensor.view(-1).tensor_split(p)
-    right, left = (me + 1) % p, (me - 1) % p
-    sends = []    # each chunk is received once, before it is forwarded: no need to wait yet
-    for s in range(p - 1):
-        out, into = (me - s) % p, (me - s - 1) % p
-        _exchange(chunks[out] if chunks[out].numel() else None, right,
-                  chunks[into] if chunks[into].numel() else None, left, group, network, me,
-                  trace, dict(phase="all-gather", step=p - 1 + s, chunk=out), sends)
-    for w in sends:
-        w.wait()
+    into = [chunks[(me - s - 1) % p] for s in range(p - 1)]
+    _ring_pass(chunks, [(me - s) % p for s in range(p - 1)],
+               [c if c.numel() else None for c in into], None, group, network, me, p, trace,
+               "all-gather", p - 1)
     return tensor
 
 
