@@ -12,8 +12,8 @@
   early in training. So: run plain data-parallel Adam for ``warmup_steps`` (gradients
   all-reduced in float32), then **freeze** ``v`` and communicate only the momentum, each
   rank's ``m`` compressed to one bit per coordinate with error feedback
-  (:mod:`distlab.compression`). It answers "what does Adam's communication cost?": about
-  32 times less than float32 after the warm-up.
+  (:mod:`distlab.compression`). It answers "what does Adam's communication cost?": after
+  the warm-up, 32 times fewer bits per coordinate, about 64/p times fewer bytes per rank.
 
 Communication per step, alpha-beta model, p ranks, n parameters:
 
