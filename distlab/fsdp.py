@@ -152,7 +152,8 @@ class FullyShardedDataParallel(nn.Module):
             ``Block``). By default every module that directly owns parameters is a unit
             (each Linear, Embedding, LayerNorm, or custom layer). Parameters shared by
             several modules (tied weights), and the root module's own, form the root unit,
-            gathered for the whole forward.
+            gathered for the whole forward. A parameter must be used inside the forward
+            of its unit: outside it, the attribute is None.
         compute_dtype: e.g. ``torch.bfloat16``: gather and compute in that dtype, keep fp32
             shards ("master weights"); floating inputs are cast to it, outputs back to fp32.
     """
@@ -271,6 +272,47 @@ class FullyShardedDataParallel(nn.Module):
             self.shards[i].copy_(self._layout.shard(i, state_dict[name], self.rank))
         for name, b in self.module.named_buffers():
             b.copy_(state_dict[name])
+
+    def _positions(self, optimizer) -> list[int]:
+        # The optimizer's k-th parameter is the shard of original parameter positions[k].
+        index = {id(s): i for i, s in enumerate(self.shards)}
+        return [index[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+    @torch.no_grad()
+    def full_optim_state_dict(self, optimizer: torch.optim.Optimizer) -> dict:
+        """``optimizer.state_dict()`` with every per-element state (``exp_avg``...) unsharded.
+
+        The result has the format of the same optimizer built over the full parameters, in
+        the same order, so it loads on any world size. One all-gather per kind of state.
+        """
+        sd = optimizer.state_dict()
+        where = self._positions(optimizer)
+        state = {k: dict(st) for k, st in sd["state"].items()}   # leave the live state alone
+        keys = sorted({key for st in state.values() for key, v in st.items()
+                       if torch.is_tensor(v) and v.dim() == 1})
+        for key in keys:
+            mine = [s.detach().new_zeros(s.numel()) for s in self.shards]
+            for k, st in state.items():
+                if key in st:
+                    mine[where[k]] = st[key]
+            row = self._layout.pack_row(mine, dtype=torch.float32)
+            fulls = self._layout.unpack_rows(all_gather_rows(row, self.group))
+            for k, st in state.items():
+                if key in st:
+                    st[key] = fulls[where[k]]
+        return {"state": state, "param_groups": sd["param_groups"]}
+
+    def load_full_optim_state_dict(self, optimizer: torch.optim.Optimizer, state_dict: dict):
+        """Load a :meth:`full_optim_state_dict` (from any world size): keep our shards."""
+        where = self._positions(optimizer)
+        state = {}
+        for k, st in state_dict["state"].items():
+            i = where[int(k)]
+            state[k] = {key: (self._layout.shard(i, v, self.rank).clone()
+                              if torch.is_tensor(v) and v.dim() >= 1
+                              and v.numel() == self._layout.numels[i] else v)
+                        for key, v in st.items()}
+        optimizer.load_state_dict({"state": state, "param_groups": state_dict["param_groups"]})
 
 
 def _cast(obj, dtype):

@@ -62,7 +62,7 @@ def loss_of(logits, y):
     return nn.functional.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
 
 
-def reference(steps=2):
+def reference(steps=2, with_optimizer=False):
     net = Net()
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=0.02,
                             weight_decay=0.1)
@@ -71,12 +71,12 @@ def reference(steps=2):
         opt.zero_grad()
         loss_of(net(X[s]), Y[s]).backward()
         opt.step()
-    return net
+    return (net, opt) if with_optimizer else net
 
 
 def scenarios(everything):
     rank, N = dist.get_rank(), dist.get_world_size()
-    out = {}
+    out, trained = {}, {}
 
     def check(name, fn):
         try:
@@ -102,6 +102,7 @@ def scenarios(everything):
             opt.zero_grad()
             loss_of(logits, Y[s].chunk(N)[rank]).backward()
             opt.step()
+        trained["opt"] = opt
         return model
 
     def compare(model, **tol):
@@ -113,8 +114,6 @@ def scenarios(everything):
         X, _ = data()
         with torch.no_grad():                     # evaluation on the sharded model
             torch.testing.assert_close(model(X[0]), ref(X[0]), **tol)
-
-    trained = {}
 
     def per_layer():
         trained["model"] = train()
@@ -136,6 +135,32 @@ def scenarios(everything):
         for a, b in zip(model.parameters(), other.parameters()):
             torch.testing.assert_close(a, b)
     check("load-full-state-dict", reload)
+
+    def optimizer_state():
+        # Unsharded: equal to the single-process optimizer's; reloaded on 2 of the ranks.
+        model, opt = trained["model"], trained["opt"]
+        full = model.full_optim_state_dict(opt)
+        want = reference(with_optimizer=True)[1].state_dict()
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in want["param_groups"]]
+        assert [{k: v for k, v in g.items() if k != "params"}
+                for g in full["param_groups"]] == hyper
+        assert full["state"].keys() == want["state"].keys()    # the frozen ones come last
+        for k, st in want["state"].items():
+            for key, v in st.items():
+                torch.testing.assert_close(full["state"][k][key], v, msg=f"state {k} {key}")
+        params = model.full_state_dict()        # collectives of the whole group: all ranks
+        sub = dist.new_group([0, 1])
+        if rank in (0, 1):
+            other = FullyShardedDataParallel(Net(), sub)
+            other.load_full_state_dict(params)
+            opt2 = torch.optim.AdamW(other.parameters(), lr=0.02, weight_decay=0.1)
+            other.load_full_optim_state_dict(opt2, full)
+            again = other.full_optim_state_dict(opt2)
+            for k, st in full["state"].items():
+                for key, v in st.items():
+                    torch.testing.assert_close(again["state"][k][key], v)
+        distlab.comm.barrier()     # ranks 2, 3 wait: none may leave while 0, 1 still talk
+    check("optimizer-state", optimizer_state)
 
     if everything:      # the rest on 2 ranks only, to keep the suite short on 2 cores
         check("param-groups", lambda: compare(train(groups=True)))
@@ -162,7 +187,7 @@ def results(request):
 
 
 @pytest.mark.parametrize("scenario", ["per-layer", "param-groups", "shards",
-                                      "load-full-state-dict", "block-units"])
+                                      "load-full-state-dict", "optimizer-state", "block-units"])
 def test_fsdp_equals_single_process(results, scenario):
     if scenario not in results:
         pytest.skip("checked on 2 ranks only")
