@@ -48,7 +48,7 @@ class HogwildConfig:
 
     num_workers: int = 4
     """Processes updating the shared parameters, 1 to 16."""
-    lr: float = 0.5
+    lr: float = 0.1
     """Step size of each single-example update."""
     num_steps: int = 2000
     """Updates per worker."""
@@ -173,10 +173,15 @@ def _new_shared_file(config: HogwildConfig) -> tuple[str, str]:
 
 
 def reference(config: HogwildConfig) -> torch.Tensor:
-    """Serial SGD visiting the workers' examples one worker after the other (one process)."""
+    """Serial SGD on the workers' examples, taken in turn (one step of each worker per round).
+
+    What Hogwild! computes when the workers run at the same pace and never collide; with a
+    single worker it is exactly the same computation.
+    """
     ds, cols = problem(config)
     w = torch.zeros(config.num_features)
-    for r in range(config.num_workers):
-        for i in example_order(config, r, len(ds.y)).tolist():
-            sgd_step(w, ds.X[i], ds.y[i], cols[i], config.lr)
+    orders = torch.stack([example_order(config, r, len(ds.y))
+                          for r in range(config.num_workers)])    # (W, num_steps)
+    for i in orders.t().flatten().tolist():                       # round-robin
+        sgd_step(w, ds.X[i], ds.y[i], cols[i], config.lr)
     return w

@@ -18,7 +18,7 @@ def test_one_worker_equals_serial_sgd():
 
 @pytest.mark.parametrize("num_workers,lock", [(2, False), (4, False), (2, True)])
 def test_workers_share_one_parameter_vector(num_workers, lock):
-    cfg = hw.HogwildConfig(num_workers=num_workers, num_steps=1500, lock=lock)
+    cfg = hw.HogwildConfig(num_workers=num_workers, num_steps=2000, lock=lock)
     w, _ = hw.train(cfg, timeout=60)
     ds, cols = hw.problem(cfg)
     # The file the caller reads back holds every worker's updates (MAP_SHARED pages), and
@@ -28,7 +28,7 @@ def test_workers_share_one_parameter_vector(num_workers, lock):
     moved = set(w.nonzero().flatten().tolist())
     assert moved == touched
     ref = hw.reference(cfg)   # the same updates, applied serially: nearly the same model
-    assert abs(hw.log_loss(w, ds.X_val, ds.y_val) - hw.log_loss(ref, ds.X_val, ds.y_val)) < 0.03
+    assert abs(hw.log_loss(w, ds.X_val, ds.y_val) - hw.log_loss(ref, ds.X_val, ds.y_val)) < 0.01
     assert hw.log_loss(w, ds.X_val, ds.y_val) < math.log(2) - 0.03   # it learned
 
 
