@@ -114,12 +114,21 @@ def bad_inputs():
     attempt("not in group", lambda: C.ring_all_reduce(x, group=pair))
     y = torch.full((5,), float(rank + 1))
     attempt("not in group rd", lambda: C.recursive_doubling_all_reduce(y, group=pair))
-    return errors, x, y
+    # A group whose ranks are not 0..k-1: peers are addressed by their global rank.
+    upper = dist.new_group([1, 2])
+    z = {}
+    if rank in (1, 2):
+        for algo in ("ring", "recursive_doubling", "naive"):
+            z[algo] = C.ALL_REDUCES[algo](torch.full((3,), float(rank)), group=upper)
+    return errors, x, y, z
 
 
 def test_bad_input_is_a_clear_error_on_every_rank_never_a_hang():
     results = distlab.launch(bad_inputs, 3, timeout=60)
-    for rank, (errors, x, y) in enumerate(results):
+    for rank, (errors, x, y, z) in enumerate(results):
+        for algo, got in z.items():
+            torch.testing.assert_close(got, torch.full((3,), 3.0), msg=algo)
+        assert len(z) == (0 if rank == 0 else 3)
         for algo in ("ring", "recursive_doubling", "naive"):
             assert "same shape and dtype" in errors[f"{algo} shape"], errors
             assert "rank 1: (5,) torch.float32" in errors[f"{algo} shape"], errors
