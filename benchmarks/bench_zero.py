@@ -29,7 +29,7 @@ import distlab
 from distlab import comm, zero
 from distlab.fsdp import FullyShardedDataParallel
 
-WORLD_SIZE, WIDTH, DEPTH, BATCH, STEPS, ROUNDS = 4, 512, 4, 64, 5, 12
+WORLD_SIZE, WIDTH, DEPTH, BATCH, STEPS, ROUNDS = 4, 512, 4, 64, 5, 20
 
 
 def build():
