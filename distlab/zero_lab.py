@@ -215,8 +215,8 @@ def comm_figure(df: pd.DataFrame) -> go.Figure:
         x = [STAGE_NAMES[s] for s in part.stage]
         fig.add_bar(x=x, y=part.measured / 1024, name=f"N={n} measured", offsetgroup=str(n))
         fig.add_scatter(x=x, y=part.predicted / 1024, mode="markers", name=f"N={n} formula",
-                        marker=dict(symbol="x", size=11, color="black"))
-    fig.update_layout(barmode="group", template="plotly_white", height=380,
+                        offsetgroup=str(n), marker=dict(symbol="x", size=11, color="black"))
+    fig.update_layout(barmode="group", scattermode="group", template="plotly_white", height=380,
                       title="communication per step: 2Ψ for stages 0-2, 3Ψ for stage 3 "
                             "(times (N-1)/N)", yaxis_title="KiB sent per rank per step")
     return fig
