@@ -28,9 +28,10 @@ Under SSP(s) with W workers the update delay is bounded too: ``tau <= (2s+1)(W-1
 Options to rescue a diverging run: the staleness-aware learning rate of Zhang et al. 2016
 ("Staleness-aware async-SGD for distributed deep learning", IJCAI, section 3.2: the step of a
 gradient with staleness ``tau`` is ``lr / tau``) and gradient-norm clipping.  Stragglers are
-injected per worker (a slowdown factor, or a seeded random delay), and a worker can be made
-to vanish mid-run: the server notices its silence (a heartbeat timeout, as in Li et al. 2014,
-section 4.3), reports the loss and carries on with the others.
+injected per worker (a slowdown factor, or a seeded random delay), and a worker can be
+killed mid-run (``SIGKILL``, no goodbye): the server notices its silence (a heartbeat timeout,
+as in Li et al. 2014, section 4.3), reports the loss and carries on with the others. The
+workers are launched as ``expendable_ranks``, so the launcher lets the run go on too.
 
 Communication cost per gradient (alpha-beta model, P parameters, S server shards): the worker
 sends and receives P floats in S messages each, ``2S alpha + 2P beta``; an unsharded server
@@ -43,7 +44,9 @@ Run it with :func:`train` (blocking) or :func:`start` (for widgets); both launch
 from __future__ import annotations
 
 import math
+import os
 import queue
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -104,9 +107,9 @@ class ParameterServerConfig:
     worker_timeout: float = 10.0
     """Seconds of silence after which a computing worker is declared lost."""
     drop_worker: int | None = None
-    """Make this worker (0-based) vanish mid-run without a word, as a crashed machine."""
+    """Kill this worker (0-based) mid-run with SIGKILL, as a crashed machine; None = none."""
     drop_at: int = 5
-    """The clock at which ``drop_worker`` vanishes."""
+    """The clock at which ``drop_worker`` is killed."""
     wait_rule: Callable | None = field(default=None, compare=False)
     """``may_proceed(clock, clocks, staleness) -> bool``; None = :func:`may_proceed`."""
 
@@ -264,7 +267,10 @@ def _serve(config: ParameterServerConfig, shard: int, group) -> dict:
     def reply(w, go):
         msg = torch.cat([torch.tensor([_GO if go else _STOP, st.version, st.tau[w],
                                        st.lr_used[w]]), x])
-        pending.append(comm.isend(msg, S + w, group=group))
+        try:
+            pending.append(comm.isend(msg, S + w, group=group))
+        except RuntimeError:       # its connection is closed: it died; silence will tell
+            pass
         if go:
             busy.add(w)
             st.last_heard[w] = time.monotonic()
@@ -361,7 +367,7 @@ def _serve(config: ParameterServerConfig, shard: int, group) -> dict:
     for p in pending:
         try:
             p.wait()
-        except RuntimeError:       # a vanished worker: nothing to deliver to
+        except RuntimeError:       # a dead worker: nothing to deliver to
             pass
     if st.reason and shard == 0 and "diverged" in st.reason:
         print(f"parameter server: {st.reason}", flush=True)   # one line, not a flood
@@ -432,8 +438,9 @@ def _work(config: ParameterServerConfig, worker: int, group) -> dict:
                    lr=float(replies[0][3]), compute_time=compute_time,
                    **comm.ledger().totals())
         if worker == config.drop_worker and clock == config.drop_at:
-            print(f"worker {worker}: vanishing at clock {clock} (injected failure)", flush=True)
-            return {"role": "worker", "worker": worker, "clocks": clock, "vanished": True}
+            print(f"worker {worker}: killed at clock {clock} (injected failure)", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)   # no cleanup, no message: a crash
+            time.sleep(60)                         # SIGKILL is delivered asynchronously
         flat = torch.cat([r[_HEAD:] for r in replies])
         t = time.perf_counter()
         with torch.no_grad():   # the loss of the parameters just pulled (fixed examples)
@@ -457,7 +464,7 @@ def _work(config: ParameterServerConfig, worker: int, group) -> dict:
         for wk in sends:
             wk.wait()
         clock += 1
-    return {"role": "worker", "worker": worker, "clocks": clock, "vanished": False,
+    return {"role": "worker", "worker": worker, "clocks": clock,
             "compute_time": compute_time}
 
 
@@ -485,6 +492,9 @@ class Result:
     """The tidy metrics DataFrame (server ``loss``; workers' ``staleness``, ``lr``...)."""
     servers: list
     workers: list
+    """The surviving workers' summaries."""
+    died: dict
+    """``{rank: how it died}`` for worker processes that died, as the launcher saw it."""
 
     @property
     def diverged(self) -> str | None:
@@ -492,22 +502,29 @@ class Result:
 
     @property
     def lost(self) -> dict:
+        """``{worker: why}`` for the workers the server gave up on."""
         return self.servers[0]["lost"]
 
 
 def start(config: ParameterServerConfig, timeout: float | None = 300, **launch_kwargs):
-    """Launch ``config.world_size`` processes and return the :class:`distlab.Run` at once."""
+    """Launch ``config.world_size`` processes and return the :class:`distlab.Run` at once.
+
+    The workers are expendable: if one dies, the launcher lets the run go on.
+    """
     if not isinstance(config, ParameterServerConfig):
         raise TypeError(f"config must be a ParameterServerConfig, got {type(config).__name__}")
+    launch_kwargs.setdefault("expendable_ranks",
+                             tuple(range(config.num_servers, config.world_size)))
     return _start(run, config.world_size, config, timeout=timeout, **launch_kwargs)
 
 
 def collect(run_handle) -> Result:
     """Wait for a run started by :func:`start` and assemble its :class:`Result`."""
     results = run_handle.result()
-    servers = [r for r in results if r["role"] == "server"]
+    servers = [r for r in results if r is not None and r["role"] == "server"]
     return Result(torch.cat([s["params"] for s in servers]), run_handle.metrics(), servers,
-                  [r for r in results if r["role"] == "worker"])
+                  [r for r in results if r is not None and r["role"] == "worker"],
+                  dict(getattr(run_handle, "lost", {})))
 
 
 def train(config: ParameterServerConfig, **launch_kwargs) -> Result:

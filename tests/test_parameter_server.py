@@ -72,16 +72,18 @@ def test_staleness_aware_lr_and_clipping_are_applied():
                                torch.tensor(expected.to_numpy()))
 
 
-def test_server_survives_a_worker_that_vanishes():
+def test_server_survives_a_killed_worker():
     seen = []
     cfg = ps.ParameterServerConfig(num_workers=3, staleness=1, lr=0.05, num_steps=50,
                                    step_time=0.005, drop_worker=1, drop_at=4,
                                    worker_timeout=1.0)
     result = ps.train(cfg, timeout=60, on_output=lambda r, s, t: seen.append(t))
+    assert result.died == {2: "was killed by SIGKILL"}       # rank 2 = worker 1, really dead
     assert list(result.lost) == [1] and "clock 4" in result.lost[1]
     server = result.servers[0]
     assert server["version"] == 50 and server["stopped"] == "finished 50 updates"
     assert server["clocks"][1] == 4 and min(server["clocks"][0], server["clocks"][2]) > 10
+    assert [w["worker"] for w in result.workers] == [0, 2]
     assert any("worker 1 (rank 2) lost" in t for t in seen)
 
 
