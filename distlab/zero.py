@@ -187,8 +187,13 @@ class NaiveDistributedOptimizer:
         return self.optimizer.state
 
     def step(self, closure=None):
+        loss = None
+        if closure is not None:          # the gradients must exist before they are averaged
+            with torch.enable_grad():
+                loss = closure()
         average_gradients([p for g in self.param_groups for p in g["params"]], self.group)
-        return self.optimizer.step(closure)
+        self.optimizer.step()
+        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none)
@@ -218,7 +223,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     Args:
         params: parameters or parameter groups (dicts with their own hyperparameters).
-            Parameters with ``requires_grad=False`` are kept out of the shards.
+            Parameters with ``requires_grad=False`` are kept out of the shards; one whose
+            gradient is None (on every rank) is skipped by the step, as torch does.
         optimizer_class: an elementwise torch optimizer (SGD, Adam, AdamW, ...).
         group: the process group (default: the world).
         gradients: how ``p.grad`` arrives, so how gradients are communicated:
