@@ -182,6 +182,9 @@ def _worker_main(rank, world_size, backend, store_path, payload, conn, out_w, er
         pg_timeout = datetime.timedelta(seconds=timeout if timeout else 1800)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=pg_timeout)
+        # Every rank is connected before any user code runs: a function that returns at
+        # once must not exit while a slower peer is still connecting to it.
+        dist.barrier()
         result = fn(*args, **kwargs)
         sys.stdout.flush()
         sys.stderr.flush()
