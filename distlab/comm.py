@@ -107,6 +107,12 @@ def _run(op, call, sent, recv, async_op):
     return work
 
 
+# torch 2.13 renamed the tensor forms (``*_into_tensor`` / ``*_tensor``) to ``*_single``.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = (getattr(dist, "reduce_scatter_single", None)
+                          or dist.reduce_scatter_tensor)
+
+
 def _p(group) -> int:
     return dist.get_world_size(group)
 
@@ -160,7 +166,7 @@ def all_gather_into_tensor(output, input, group=None, async_op=False):
     """``dist.all_gather_into_tensor``, counted as a ring all-gather: (p-1)/p·n each way."""
     p = _p(group)
     vol = (p - 1) * nbytes(output) // p
-    return _run("all_gather", lambda: dist.all_gather_into_tensor(
+    return _run("all_gather", lambda: _all_gather_single(
         output, input, group=group, async_op=async_op), vol, vol, async_op)
 
 
@@ -186,7 +192,7 @@ def reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=None, async
                                    if group is not None else dist.get_rank()])
         return None
     vol = (p - 1) * nbytes(input) // p
-    return _run("reduce_scatter", lambda: dist.reduce_scatter_tensor(
+    return _run("reduce_scatter", lambda: _reduce_scatter_single(
         output, input, op=op, group=group, async_op=async_op), vol, vol, async_op)
 
 

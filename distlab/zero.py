@@ -32,7 +32,6 @@ All communication goes through :mod:`distlab.comm`, so every byte is counted.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -138,9 +137,7 @@ def all_gather_rows(row: torch.Tensor, group=None) -> torch.Tensor:
     """Every rank's ``row`` (L,), stacked: (N, L). One ring all-gather, (N-1)/N·n bytes."""
     N = dist.get_world_size(group)
     out = row.new_empty(N * row.numel())
-    with warnings.catch_warnings():     # torch 2.13 renames it all_gather_single; same call
-        warnings.simplefilter("ignore", FutureWarning)
-        comm.all_gather_into_tensor(out, row.contiguous(), group=group)
+    comm.all_gather_into_tensor(out, row.contiguous(), group=group)
     return out.view(N, -1)
 
 
