@@ -2,27 +2,27 @@
 
 One vocabulary everywhere (code, DataFrames, plot axes):
 
-=============== =========================================================
-column          meaning
-=============== =========================================================
-``run``         the name of the run (several runs are overlaid in plots)
-``rank``        the reporting process
-``step``        the optimizer step (or round) the record belongs to
-``time``        seconds since the launch started (wall clock)
-``loss``        training loss; ``val_loss`` held-out loss; ``accuracy``
-``bytes_sent``  bytes this rank has sent so far (cumulative)
-``bytes_recv``  bytes this rank has received so far (cumulative)
-``comm_time``   seconds this rank has spent in communication (cumulative)
-``compute_time`` seconds spent computing (cumulative)
-``staleness``   versions between the parameters used and those updated
-``lr``          the learning rate used at that step
-``divergence``  squared distance of a rank's local model from the average
-``sim_time``    *simulated* network time (seconds) of an injected alpha-beta network
-``updates_per_s`` updates per second (throughput)
-``nbytes``      size of one message or tensor in bytes (collectives lab)
-``collective_time`` seconds of one collective on the slowest rank
-``bytes_sent_per_call`` bytes this rank sent in one call (``bytes_sent`` is cumulative)
-=============== =========================================================
+========================== =========================================================
+column                     meaning
+========================== =========================================================
+``run``                    the name of the run (several runs are overlaid in plots)
+``rank``                   the reporting process
+``step``                   the optimizer step (or round) the record belongs to
+``time``                   seconds since the launch started (wall clock)
+``loss``                   training loss; ``val_loss`` held-out loss; ``accuracy``
+``bytes_sent``             bytes this rank has sent so far (cumulative)
+``bytes_recv``             bytes this rank has received so far (cumulative)
+``comm_time``              seconds this rank has spent in communication (cumulative)
+``compute_time``           seconds spent computing (cumulative)
+``staleness``              versions between the parameters used and those updated
+``lr``                     the learning rate used at that step
+``divergence``             squared distance of a rank's local model from the average
+``sim_time``               *simulated* network seconds (an injected alpha-beta model)
+``updates_per_s``          updates per second (throughput)
+``nbytes``                 size of one message or tensor in bytes (collectives lab)
+``collective_time``        seconds of one collective on the slowest rank
+``bytes_sent_per_call``    bytes this rank sent in one call (``bytes_sent`` is cumulative)
+========================== =========================================================
 """
 from __future__ import annotations
 
