@@ -36,7 +36,7 @@ from torch import nn
 
 from . import comm, data, models
 from . import data_parallel as dp
-from .launcher import MAX_WORLD_SIZE, Run, start
+from .launcher import MAX_WORLD_SIZE, Run, device, start
 from .metrics import report
 
 TRAIN_SIZES = {"linear": 1024, "digits": 1438}
@@ -240,6 +240,11 @@ def train_worker(config: SyncSGDConfig, group=None, dataset: data.Dataset | None
         raise ValueError(f"config.world_size={config.world_size} but the group has {p} ranks")
     me = dist.get_rank()   # the rank that reports, in the world's numbering
     task = build_task(config.task, config.seed, dataset)
+    dev = device()   # this rank's GPU under NCCL (torchrun on a GPU node), else the CPU
+    if dev.type != "cpu":
+        ds = task.dataset
+        task = Task(task.model.to(dev), data.Dataset(ds.X.to(dev), ds.y.to(dev),
+                    ds.X_val.to(dev), ds.y_val.to(dev), ds.num_classes), task.loss_fn)
     comm.ledger().reset()
     model = dp.wrap(task.model, config.variant, group=group,
                     bucket_size_mb=config.bucket_size_mb)
@@ -277,7 +282,7 @@ def train_worker(config: SyncSGDConfig, group=None, dataset: data.Dataset | None
         if rank == 0 and (step % config.eval_every == 0 or step == config.num_steps - 1):
             values.update(evaluate(model, task))
         report(step=step, **values)
-    return {"params": nn.utils.parameters_to_vector(task.model.parameters()).detach(),
+    return {"params": nn.utils.parameters_to_vector(task.model.parameters()).detach().cpu(),
             "losses": losses, "timeline": timeline, "wall_time": time.time() - t_start,
             "final": values}
 
