@@ -2,8 +2,8 @@
 
 Start here: :func:`launch` runs a function on N real processes and returns their results.
 """
-from .launcher import (MAX_WORLD_SIZE, Run, WorkerError, device, init_from_env, launch, start,
-                     warm_up)
+from .launcher import MAX_WORLD_SIZE, Run, WorkerError, launch, start, warm_up
+from .worker import device, init_from_env
 from .metrics import report
 
 __all__ = ["launch", "start", "Run", "WorkerError", "report", "device", "init_from_env",

@@ -135,7 +135,7 @@ def train_command(args) -> int:
     if under_torchrun:
         import torch.distributed as dist
 
-        from .launcher import init_from_env
+        from .worker import init_from_env
         init_from_env()
         try:
             result = _train_on_rank(args.algo, args)

@@ -30,7 +30,7 @@ import time
 
 import pandas as pd
 
-from . import launcher as _launcher
+from . import worker as _worker
 
 COLUMNS = ("run", "rank", "step", "time")
 
@@ -51,7 +51,7 @@ def report(step: int | None = None, **values) -> dict:
     Returns:
         The record: ``{"rank", "step", "time", **values}``.
     """
-    ch = _launcher.worker_channel()
+    ch = _worker.worker_channel()
     if ch is not None:
         rank, t0 = ch.rank, ch.t0
     else:

@@ -1,0 +1,134 @@
+"""The worker side of a distlab launch: what runs inside each of the N processes.
+
+:func:`distlab.launch` (in :mod:`distlab.launcher`) forks the processes; each one runs
+:func:`_worker_main`, which routes its output to the caller, joins the process group and
+calls the user's function. :func:`init_from_env` is the same first step under ``torchrun``.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import sys
+import threading
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+
+@dataclass
+class _WorkerChannel:
+    """What a worker process knows about the launch that started it."""
+    rank: int
+    world_size: int
+    conn: Any          # write end of this rank's message pipe
+    t0: float          # the launch's start time (time.time() of the caller)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def send(self, msg) -> None:
+        data = cloudpickle.dumps(msg)
+        with self.lock:
+            self.conn.send_bytes(data)
+
+
+_channel: _WorkerChannel | None = None   # set once per worker process by _worker_main
+
+
+def worker_channel() -> _WorkerChannel | None:
+    """The channel back to the launching process, or None outside a distlab launch."""
+    return _channel
+
+
+def _die_with_parent() -> None:
+    # If the forkserver (and hence the kernel) dies, take the worker with it: no orphans.
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _worker_main(rank, world_size, backend, store_path, payload, conn, out_w, err_w,
+                 t0, timeout, num_threads, sys_path):
+    global _channel
+    _die_with_parent()
+    # Route fds 1 and 2 (Python prints and C++ logs alike) to the caller.
+    os.dup2(out_w.fileno(), 1)
+    os.dup2(err_w.fileno(), 2)
+    out_w.close()
+    err_w.close()
+    sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+    sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+    _channel = ch = _WorkerChannel(rank, world_size, conn, t0)
+    for p in reversed(sys_path):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), GLOO_SOCKET_IFNAME="lo",
+                      OMP_NUM_THREADS=str(num_threads))
+    try:
+        import torch
+        import torch.distributed as dist
+        torch.set_num_threads(num_threads)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        fn, args, kwargs = cloudpickle.loads(payload)
+        store = dist.FileStore(store_path, world_size)
+        pg_timeout = datetime.timedelta(seconds=timeout if timeout else 1800)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                timeout=pg_timeout)
+        # Every rank is connected before any user code runs: a function that returns at
+        # once must not exit while a slower peer is still connecting to it.
+        dist.barrier()
+        result = fn(*args, **kwargs)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        ch.send(("result", result))
+    except BaseException as e:  # noqa: BLE001 - every failure must reach the caller
+        tb = traceback.format_exc()
+        try:
+            ch.send(("error", f"{type(e).__name__}: {e}", tb))
+        except Exception:
+            pass
+        os._exit(1)
+    try:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown: nothing left to do and it can be slow
+
+
+def init_from_env(backend: str | None = None) -> None:
+    """Initialize the default process group from torchrun's environment (env:// rendezvous).
+
+    Lets the same worker function run under ``torchrun --nproc-per-node=N`` with no distlab
+    launcher. Does nothing if a group is already initialized.
+    """
+    import torch
+    import torch.distributed as dist
+    if dist.is_initialized():
+        return
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend, init_method="env://", world_size=world_size,
+                            rank=int(os.environ.get("RANK", "0")))
+
+
+def device():
+    """This rank's device: ``cuda:LOCAL_RANK`` on NCCL, else the CPU."""
+    import torch
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
