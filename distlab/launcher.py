@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from .worker import _worker_main
+from .worker import _worker_main, device, init_from_env  # noqa: F401 (public here too)
 
 MAX_WORLD_SIZE = 64
 """Largest world size a launch accepts on one machine."""
