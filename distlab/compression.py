@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 from . import comm
+from .config import is_number
 
 METHODS = ("none", "topk", "randomk", "sign", "fp16", "bf16")
 
@@ -198,8 +199,7 @@ def make_compressor(method: str, ratio: float = 0.01, seed: int = 0) -> Compress
     """The compressor called ``method`` (one of :data:`METHODS`); ``ratio`` for top-k/random-k."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not a compressor; allowed {METHODS}")
-    if method in ("topk", "randomk") and not (isinstance(ratio, (int, float))
-                                              and 0 < ratio <= 1):
+    if method in ("topk", "randomk") and not (is_number(ratio) and 0 < ratio <= 1):
         raise ValueError(f"ratio={ratio!r} is out of range; allowed (0, 1]")
     return {"none": Compressor, "topk": lambda: TopK(ratio),
             "randomk": lambda: RandomK(ratio, seed), "sign": Sign,

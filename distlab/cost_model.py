@@ -29,6 +29,7 @@ import torch
 
 from . import comm
 from .collectives import ALL_REDUCES
+from .config import is_int, require
 from .launcher import Run, launch, start
 from .metrics import report
 from .netsim import Network
@@ -189,9 +190,9 @@ def measure(world_sizes=(2, 4), sizes=(4 * KIB, 64 * KIB, 1 * MIB),
     unknown = [a for a in algorithms if a not in ALL_REDUCES]
     if unknown:
         raise ValueError(f"algorithms {unknown} are unknown; allowed {list(ALL_REDUCES)}")
-    if not (isinstance(repeats, int) and 1 <= repeats <= 1000):
+    if not (is_int(repeats) and 1 <= repeats <= 1000):
         raise ValueError(f"repeats={repeats!r} is out of range; allowed 1..1000")
-    if any(not (isinstance(n, int) and 4 <= n <= 1 << 30) for n in sizes):
+    if any(not (is_int(n) and 4 <= n <= 1 << 30) for n in sizes):
         raise ValueError(f"sizes={sizes!r}: each must be an int number of bytes, 4 to 1 GiB")
     rows = []
     for p in world_sizes:
@@ -220,11 +221,10 @@ class SweepConfig:
         if self.algorithm not in ALL_REDUCES:
             raise ValueError(f"SweepConfig.algorithm={self.algorithm!r} is unknown; "
                              f"allowed {list(ALL_REDUCES)}")
-        if not (isinstance(self.max_nbytes, int) and 4 * KIB <= self.max_nbytes <= 64 * MIB):
-            raise ValueError(f"SweepConfig.max_nbytes={self.max_nbytes!r} is out of range; "
-                             "allowed 4096 to 67108864 bytes")
-        if not (isinstance(self.repeats, int) and 1 <= self.repeats <= 100):
-            raise ValueError(f"SweepConfig.repeats={self.repeats!r} is out of range; allowed 1..100")
+        require(self, "max_nbytes",
+                is_int(self.max_nbytes) and 4 * KIB <= self.max_nbytes <= 64 * MIB,
+                "4096 to 67108864 bytes")
+        require(self, "repeats", is_int(self.repeats) and 1 <= self.repeats <= 100, "1..100")
 
     @property
     def sizes(self) -> list[int]:

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint, comm, data
+from .config import is_int, is_number, require
 from .faults import Fault
 from .launcher import WorkerError, start
 from .metrics import report
@@ -78,20 +79,17 @@ class TrainConfig:
     """Extra seconds of "compute" per step, so lost work is visible on a fast toy problem."""
 
     def __post_init__(self):
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm={self.algorithm!r} is not allowed; use one of {ALGORITHMS}")
-        if self.task not in TRAIN_SIZES:
-            raise ValueError(f"task={self.task!r} is not allowed; use one of {sorted(TRAIN_SIZES)}")
+        require(self, "algorithm", self.algorithm in ALGORITHMS, f"one of {ALGORITHMS}")
+        require(self, "task", self.task in TRAIN_SIZES, f"one of {sorted(TRAIN_SIZES)}")
         for name, low in (("num_steps", 1), ("batch_size", 1), ("checkpoint_every", 0),
                           ("keep", 1), ("seed", 0)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name}={v!r} must be an int >= {low}")
-        for name in ("lr", "momentum", "noise", "step_time"):
+            require(self, name, is_int(v) and v >= low, f"an int >= {low}")
+        for name in ("lr", "noise", "step_time"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or v < 0 or (name == "momentum" and v >= 1):
-                raise ValueError(f"{name}={v!r} must be a number >= 0"
-                                 + (" and < 1" if name == "momentum" else ""))
+            require(self, name, is_number(v) and v >= 0, "a number >= 0")
+        require(self, "momentum", is_number(self.momentum) and 0 <= self.momentum < 1,
+                "a number in [0, 1)")
         if self.fault is not None and not isinstance(self.fault, Fault):
             raise TypeError(f"fault must be a distlab.faults.Fault or None, got {self.fault!r}")
         if self.checkpoint_every and not self.checkpoint_dir:
@@ -245,13 +243,11 @@ class ElasticConfig:
         from .launcher import MAX_WORLD_SIZE
         for name, low in (("world_size", 1), ("min_world_size", 1), ("max_restarts", 0)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name}={v!r} must be an int >= {low}")
+            require(self, name, is_int(v) and v >= low, f"an int >= {low}")
         if not self.min_world_size <= self.world_size <= MAX_WORLD_SIZE:
             raise ValueError(f"world_size={self.world_size} must be in [min_world_size="
                              f"{self.min_world_size}, {MAX_WORLD_SIZE}]")
-        if not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
-            raise ValueError(f"timeout={self.timeout!r} must be a positive number of seconds")
+        require(self, "timeout", is_number(self.timeout) and self.timeout > 0, "seconds > 0")
 
 
 class ElasticRun:

@@ -30,6 +30,8 @@ import signal
 import time
 from dataclasses import dataclass
 
+from .config import is_int, is_number, require
+
 KINDS = ("kill", "raise", "hang", "delay")
 WHERE = ("step", "save")
 
@@ -56,16 +58,13 @@ class Fault:
     """Fires only in this attempt (0 = the first run), so a restarted job does not fail again."""
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"Fault.kind={self.kind!r} is not allowed; use one of {KINDS}")
+        require(self, "kind", self.kind in KINDS, f"one of {KINDS}")
         for name in ("rank", "step", "attempt"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"Fault.{name}={v!r} must be an int >= 0")
-        if not (isinstance(self.seconds, (int, float)) and 0 <= self.seconds <= 3600):
-            raise ValueError(f"Fault.seconds={self.seconds!r} must be a number in [0, 3600]")
-        if self.where not in WHERE:
-            raise ValueError(f"Fault.where={self.where!r} is not allowed; use one of {WHERE}")
+            require(self, name, is_int(v) and v >= 0, "an int >= 0")
+        require(self, "seconds", is_number(self.seconds) and 0 <= self.seconds <= 3600,
+                "a number in [0, 3600]")
+        require(self, "where", self.where in WHERE, f"one of {WHERE}")
 
     def fires(self, rank: int, step: int, where: str = "step", attempt: int = 0) -> bool:
         """True when this fault is due on ``rank`` at ``step`` (in ``where``, ``attempt``)."""

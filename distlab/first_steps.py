@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from . import comm
+from .config import is_int, is_number, require
 from .data import linear_regression, shard_indices
 from .launcher import Run, start
 from .metrics import report
@@ -44,15 +45,11 @@ class FirstRunConfig:
     """Seed of the data and of the initial weights."""
 
     def __post_init__(self):
-        checks = [("num_steps", self.num_steps, 1, 10_000),
-                  ("num_examples", self.num_examples, 1, 1_000_000),
-                  ("num_features", self.num_features, 1, 10_000)]
-        for name, value, lo, hi in checks:
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                raise ValueError(f"FirstRunConfig.{name}={value!r} is out of range; "
-                                 f"allowed integers {lo}..{hi}")
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr <= 1):
-            raise ValueError(f"FirstRunConfig.lr={self.lr!r} is out of range; allowed (0, 1]")
+        for name, lo, hi in [("num_steps", 1, 10_000), ("num_examples", 1, 1_000_000),
+                             ("num_features", 1, 10_000)]:
+            v = getattr(self, name)
+            require(self, name, is_int(v) and lo <= v <= hi, f"integers {lo}..{hi}")
+        require(self, "lr", is_number(self.lr) and 0 < self.lr <= 1, "(0, 1]")
 
 
 def _data(config: FirstRunConfig):

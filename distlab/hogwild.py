@@ -26,7 +26,6 @@ between cores on a write), not alpha-beta; ``bytes_sent`` stays 0.
 from __future__ import annotations
 
 import fcntl
-import math
 import os
 import shutil
 import tempfile
@@ -38,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from . import comm, data
+from .config import is_int, is_number, require
 from .launcher import start as _start
 from .metrics import report
 
@@ -66,27 +66,21 @@ class HogwildConfig:
     """Seeds the data and each worker's order of examples."""
 
     def __post_init__(self):
-        def need(ok, name, allowed):
-            if not ok:
-                raise ValueError(f"HogwildConfig.{name}={getattr(self, name)!r} is out of "
-                                 f"range; allowed: {allowed}")
-
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        need(is_int(self.num_workers) and 1 <= self.num_workers <= 16, "num_workers", "1..16")
-        need(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
-             "lr", "a number > 0")
-        need(is_int(self.num_steps) and 1 <= self.num_steps <= 10**7, "num_steps", "1..1e7")
-        need(isinstance(self.lock, bool), "lock", "True or False")
-        need(is_int(self.num_features) and 2 <= self.num_features <= 10**6, "num_features",
-             "2..1e6")
-        need(is_int(self.nnz) and 1 <= self.nnz <= self.num_features, "nnz",
-             f"1..num_features={self.num_features}")
-        need(is_int(self.eval_every) and self.eval_every >= 1, "eval_every", "an int >= 1")
-        need(isinstance(self.step_time, (int, float)) and 0 <= self.step_time <= 1,
-             "step_time", "0..1 s")
-        need(is_int(self.seed), "seed", "an int")
+        require(self, "num_workers", is_int(self.num_workers) and 1 <= self.num_workers <= 16,
+                "1..16")
+        require(self, "lr", is_number(self.lr) and self.lr > 0, "a number > 0")
+        require(self, "num_steps", is_int(self.num_steps) and 1 <= self.num_steps <= 10**7,
+                "1..1e7")
+        require(self, "lock", isinstance(self.lock, bool), "True or False")
+        require(self, "num_features",
+                is_int(self.num_features) and 2 <= self.num_features <= 10**6, "2..1e6")
+        require(self, "nnz", is_int(self.nnz) and 1 <= self.nnz <= self.num_features,
+                f"1..num_features={self.num_features}")
+        require(self, "eval_every", is_int(self.eval_every) and self.eval_every >= 1,
+                "an int >= 1")
+        require(self, "step_time", is_number(self.step_time) and 0 <= self.step_time <= 1,
+                "0..1 s")
+        require(self, "seed", is_int(self.seed), "an int")
 
 
 def problem(config: HogwildConfig):

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from . import comm
 from .compression import METHODS, Compressor, all_reduce_compressed, make_compressor
+from .config import is_int, is_number, require
 from .data import digits, label_skewed_shards, shard_indices
 from .launcher import Run, launch, start
 from .metrics import report
@@ -51,20 +52,16 @@ OPTIMIZERS = ("sgd", "adam", "lamb", "onebit_adam")
 SHARDS = ("iid", "label_skewed")
 
 
-def _validate(obj, ints=(), floats=(), choices=()):
-    cls = type(obj).__name__
+def _validate(config, ints=(), floats=(), choices=()):
+    """Check the fields named in tables: ``(name, lo, hi)`` ints in lo..hi, floats in (lo, hi]."""
     for name, lo, hi in ints:
-        v = getattr(obj, name)
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise ValueError(f"{cls}.{name}={v!r} is out of range; allowed integers {lo}..{hi}")
-    for name, lo, hi in floats:   # (lo, hi]
-        v = getattr(obj, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v <= hi:
-            raise ValueError(f"{cls}.{name}={v!r} is out of range; allowed ({lo:g}, {hi:g}]")
+        v = getattr(config, name)
+        require(config, name, is_int(v) and lo <= v <= hi, f"integers {lo}..{hi}")
+    for name, lo, hi in floats:
+        v = getattr(config, name)
+        require(config, name, is_number(v) and lo < v <= hi, f"({lo:g}, {hi:g}]")
     for name, allowed in choices:
-        if getattr(obj, name) not in allowed:
-            raise ValueError(f"{cls}.{name}={getattr(obj, name)!r} is not allowed; "
-                             f"choose one of {allowed}")
+        require(config, name, getattr(config, name) in allowed, f"one of {allowed}")
 
 
 @dataclass(frozen=True)
@@ -109,9 +106,8 @@ class LocalSGDConfig:
                   floats=[("lr", 0, 10), ("ratio", 0, 1), ("bandwidth", 0, 1e12)],
                   choices=[("shards", SHARDS), ("compression", METHODS),
                            ("optimizer", OPTIMIZERS), ("error_feedback", (True, False))])
-        if not (isinstance(self.latency, (int, float)) and 0 <= self.latency <= 10):
-            raise ValueError(f"LocalSGDConfig.latency={self.latency!r} is out of range; "
-                             "allowed [0, 10] seconds")
+        require(self, "latency", is_number(self.latency) and 0 <= self.latency <= 10,
+                "[0, 10] seconds")
         if self.optimizer != "sgd" and (self.period != 1 or self.compression != "none"):
             raise ValueError(f"LocalSGDConfig.optimizer={self.optimizer!r} averages gradients "
                              f"every step: it needs period=1 (got {self.period}) and "
@@ -153,9 +149,8 @@ class FedAvgConfig:
                               ("seed", 0, 2 ** 31)],
                   floats=[("client_fraction", 0, 1), ("lr", 0, 10), ("bandwidth", 0, 1e12)],
                   choices=[("shards", SHARDS)])
-        if not (isinstance(self.latency, (int, float)) and 0 <= self.latency <= 10):
-            raise ValueError(f"FedAvgConfig.latency={self.latency!r} is out of range; "
-                             "allowed [0, 10] seconds")
+        require(self, "latency", is_number(self.latency) and 0 <= self.latency <= 10,
+                "[0, 10] seconds")
 
     @property
     def clients_per_round(self) -> int:

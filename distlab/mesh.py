@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import comm
+from .config import is_int, require
 from .launcher import device
 from .metrics import report
 from .tensor_parallel import TensorParallelConfig, shard_mlp, shard_transformer
@@ -42,8 +43,7 @@ class MeshConfig:
     def __post_init__(self):
         for name in ("dp", "tp"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 64:
-                raise ValueError(f"{name}={v!r} must be an int in 1..64")
+            require(self, name, is_int(v) and 1 <= v <= 64, "an int in 1..64")
         if self.dp * self.tp > 64:
             raise ValueError(f"dp*tp={self.dp * self.tp} ranks; at most 64 are allowed")
 

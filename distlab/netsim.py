@@ -25,6 +25,8 @@ import math
 import time
 from dataclasses import dataclass
 
+from .config import is_int, is_number, require
+
 
 @dataclass(frozen=True)
 class Network:
@@ -40,19 +42,16 @@ class Network:
     """How many times slower every message to or from ``slow_rank`` is, 1 to 1000."""
 
     def __post_init__(self):
-        if not (isinstance(self.latency, (int, float)) and 0 <= self.latency <= 1):
-            raise ValueError(f"Network.latency={self.latency!r} is out of range; "
-                             "allowed 0 to 1 seconds")
-        if not (isinstance(self.bandwidth, (int, float)) and self.bandwidth > 0):
-            raise ValueError(f"Network.bandwidth={self.bandwidth!r} is out of range; "
-                             "allowed > 0 bytes per second (math.inf for none)")
-        if self.slow_rank is not None and (isinstance(self.slow_rank, bool)
-                                           or not isinstance(self.slow_rank, int)
-                                           or self.slow_rank < 0):
-            raise ValueError(f"Network.slow_rank={self.slow_rank!r} must be None or a rank >= 0")
-        if not (isinstance(self.slow_factor, (int, float)) and 1 <= self.slow_factor <= 1000):
-            raise ValueError(f"Network.slow_factor={self.slow_factor!r} is out of range; "
-                             "allowed 1 to 1000")
+        require(self, "latency", is_number(self.latency) and 0 <= self.latency <= 1,
+                "0 to 1 seconds")
+        require(self, "bandwidth", self.bandwidth == math.inf
+                or (is_number(self.bandwidth) and self.bandwidth > 0),
+                "> 0 bytes per second (math.inf for none)")
+        require(self, "slow_rank",
+                self.slow_rank is None or (is_int(self.slow_rank) and self.slow_rank >= 0),
+                "None or a rank >= 0")
+        require(self, "slow_factor", is_number(self.slow_factor) and 1 <= self.slow_factor <= 1000,
+                "1 to 1000")
 
     @property
     def alpha(self) -> float:

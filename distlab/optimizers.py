@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from . import comm
 from .compression import Compressor, Sign, all_reduce_compressed
+from .config import is_int
 
 
 def _check(name: str, value, lo: float, hi: float, cls: str, open_lo: bool = False):
@@ -136,7 +137,7 @@ class OneBitAdam(torch.optim.Optimizer):
         _check("betas[0]", betas[0], 0, 1, "OneBitAdam")
         _check("betas[1]", betas[1], 0, 1, "OneBitAdam")
         _check("eps", eps, 0, float("inf"), "OneBitAdam")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+        if not (is_int(warmup_steps) and warmup_steps >= 1):
             raise ValueError(f"OneBitAdam.warmup_steps={warmup_steps!r} is out of range; "
                              "allowed integers >= 1")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from . import comm, data, models
+from .config import is_int, is_number, require
 from .launcher import start as _start
 from .metrics import report
 
@@ -114,49 +115,48 @@ class ParameterServerConfig:
     """``may_proceed(clock, clocks, staleness) -> bool``; None = :func:`may_proceed`."""
 
     def __post_init__(self):
-        def need(ok, name, allowed):
-            if not ok:
-                raise ValueError(f"ParameterServerConfig.{name}={getattr(self, name)!r} is "
-                                 f"out of range; allowed: {allowed}")
-
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        need(is_int(self.num_workers) and 1 <= self.num_workers <= 32, "num_workers", "1..32")
-        need(is_int(self.num_servers) and 1 <= self.num_servers <= 8, "num_servers", "1..8")
-        need(self.staleness is None or (is_int(self.staleness) and self.staleness >= 0),
-             "staleness", "an int >= 0 (0 = BSP) or None (fully asynchronous)")
-        need(is_num(self.lr) and self.lr > 0, "lr", "a number > 0")
-        need(is_int(self.num_steps) and 1 <= self.num_steps <= 10**6, "num_steps", "1..1e6")
-        need(self.batch_size is None or (is_int(self.batch_size) and self.batch_size >= 1),
-             "batch_size", "an int >= 1 or None (whole shard)")
-        need(self.problem in PROBLEMS, "problem", PROBLEMS)
-        need(is_int(self.hidden) and 1 <= self.hidden <= 4096, "hidden", "1..4096")
-        need(is_int(self.eval_size) and self.eval_size >= 1, "eval_size", "an int >= 1")
-        need(self.clip is None or (is_num(self.clip) and self.clip > 0), "clip", "> 0 or None")
-        need(is_num(self.step_time) and 0 <= self.step_time <= 10, "step_time", "0..10 s")
-        need(isinstance(self.slowdown, tuple) and len(self.slowdown) <= self.num_workers
-             and all(is_num(f) and 1 <= f <= 100 for f in self.slowdown), "slowdown",
-             f"a tuple of at most num_workers={self.num_workers} factors in [1, 100]")
-        need(is_num(self.random_delay) and 0 <= self.random_delay <= 10, "random_delay",
-             "0..10 s")
-        need(is_int(self.seed), "seed", "an int")
-        need(self.target_loss is None or is_num(self.target_loss), "target_loss",
-             "a number or None")
-        need(is_num(self.divergence_factor) and self.divergence_factor > 1,
-             "divergence_factor", "> 1")
+        require(self, "num_workers", is_int(self.num_workers) and 1 <= self.num_workers <= 32,
+                "1..32")
+        require(self, "num_servers", is_int(self.num_servers) and 1 <= self.num_servers <= 8,
+                "1..8")
+        require(self, "staleness",
+                self.staleness is None or (is_int(self.staleness) and self.staleness >= 0),
+                "an int >= 0 (0 = BSP) or None (fully asynchronous)")
+        require(self, "lr", is_number(self.lr) and self.lr > 0, "a number > 0")
+        require(self, "num_steps", is_int(self.num_steps) and 1 <= self.num_steps <= 10**6,
+                "1..1e6")
+        require(self, "batch_size",
+                self.batch_size is None or (is_int(self.batch_size) and self.batch_size >= 1),
+                "an int >= 1 or None (whole shard)")
+        require(self, "problem", self.problem in PROBLEMS, f"one of {PROBLEMS}")
+        require(self, "hidden", is_int(self.hidden) and 1 <= self.hidden <= 4096, "1..4096")
+        require(self, "eval_size", is_int(self.eval_size) and self.eval_size >= 1,
+                "an int >= 1")
+        require(self, "clip", self.clip is None or (is_number(self.clip) and self.clip > 0),
+                "> 0 or None")
+        require(self, "step_time", is_number(self.step_time) and 0 <= self.step_time <= 10,
+                "0..10 s")
+        require(self, "slowdown",
+                isinstance(self.slowdown, tuple) and len(self.slowdown) <= self.num_workers
+                and all(is_number(f) and 1 <= f <= 100 for f in self.slowdown),
+                f"a tuple of at most num_workers={self.num_workers} factors in [1, 100]")
+        require(self, "random_delay",
+                is_number(self.random_delay) and 0 <= self.random_delay <= 10, "0..10 s")
+        require(self, "seed", is_int(self.seed), "an int")
+        require(self, "target_loss", self.target_loss is None or is_number(self.target_loss),
+                "a number or None")
+        require(self, "divergence_factor",
+                is_number(self.divergence_factor) and self.divergence_factor > 1, "> 1")
         longest = self.step_time * max(self.slowdown, default=1) + 10 * self.random_delay
-        need(is_num(self.worker_timeout) and self.worker_timeout > longest + 0.5,
-             "worker_timeout", f"> {longest + 0.5:g} s (longer than the slowest gradient)")
-        need(self.drop_worker is None or (is_int(self.drop_worker)
-                                          and 0 <= self.drop_worker < self.num_workers),
-             "drop_worker", f"None or 0..{self.num_workers - 1}")
-        need(is_int(self.drop_at) and self.drop_at >= 1, "drop_at", "an int >= 1")
-        need(self.wait_rule is None or callable(self.wait_rule), "wait_rule",
-             "None or a function may_proceed(clock, clocks, staleness) -> bool")
+        require(self, "worker_timeout",
+                is_number(self.worker_timeout) and self.worker_timeout > longest + 0.5,
+                f"> {longest + 0.5:g} s (longer than the slowest gradient)")
+        require(self, "drop_worker", self.drop_worker is None
+                or (is_int(self.drop_worker) and 0 <= self.drop_worker < self.num_workers),
+                f"None or 0..{self.num_workers - 1}")
+        require(self, "drop_at", is_int(self.drop_at) and self.drop_at >= 1, "an int >= 1")
+        require(self, "wait_rule", self.wait_rule is None or callable(self.wait_rule),
+                "None or a function may_proceed(clock, clocks, staleness) -> bool")
 
     @property
     def world_size(self) -> int:

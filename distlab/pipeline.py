@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import comm
+from .config import is_int, is_number, require
 from .launcher import device
 from .metrics import report
 from .workloads import Workload
@@ -58,12 +59,10 @@ class PipelineConfig:
     def __post_init__(self):
         for name in ("num_stages", "num_microbatches"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 64:
-                raise ValueError(f"{name}={v!r} must be an int in 1..64")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r} must be one of {SCHEDULES}")
-        if not 0 <= self.compute_delay <= 1:
-            raise ValueError(f"compute_delay={self.compute_delay} must be in [0, 1] seconds")
+            require(self, name, is_int(v) and 1 <= v <= 64, "an int in 1..64")
+        require(self, "schedule", self.schedule in SCHEDULES, f"one of {SCHEDULES}")
+        require(self, "compute_delay",
+                is_number(self.compute_delay) and 0 <= self.compute_delay <= 1, "[0, 1] seconds")
 
 
 def bubble_fraction(num_stages: int, num_microbatches: int) -> float:

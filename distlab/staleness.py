@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from .config import is_int, is_number, require
 from .parameter_server import PROBLEMS, build_problem, gradient
 
 DISTRIBUTIONS = ("fixed", "uniform", "geometric")
@@ -61,29 +62,23 @@ class SimulatedStalenessConfig:
     """Stop when the loss exceeds this many times the first loss (or is not finite)."""
 
     def __post_init__(self):
-        def need(ok, name, allowed):
-            if not ok:
-                raise ValueError(f"SimulatedStalenessConfig.{name}={getattr(self, name)!r} "
-                                 f"is out of range; allowed: {allowed}")
-
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        need(is_int(self.staleness) and 0 <= self.staleness <= 1000, "staleness", "0..1000")
-        need(self.distribution in DISTRIBUTIONS, "distribution", DISTRIBUTIONS)
-        need(is_num(self.lr) and self.lr > 0, "lr", "a number > 0")
-        need(is_int(self.num_steps) and 1 <= self.num_steps <= 10**6, "num_steps", "1..1e6")
-        need(self.batch_size is None or (is_int(self.batch_size) and self.batch_size >= 1),
-             "batch_size", "an int >= 1 or None (full batch)")
-        need(self.problem in PROBLEMS, "problem", PROBLEMS)
-        need(is_int(self.hidden) and 1 <= self.hidden <= 4096, "hidden", "1..4096")
-        need(self.clip is None or (is_num(self.clip) and self.clip > 0), "clip", "> 0 or None")
-        need(is_int(self.seed), "seed", "an int")
-        need(is_num(self.divergence_factor) and self.divergence_factor > 1,
-             "divergence_factor", "> 1")
+        require(self, "staleness", is_int(self.staleness) and 0 <= self.staleness <= 1000,
+                "0..1000")
+        require(self, "distribution", self.distribution in DISTRIBUTIONS,
+                f"one of {DISTRIBUTIONS}")
+        require(self, "lr", is_number(self.lr) and self.lr > 0, "a number > 0")
+        require(self, "num_steps", is_int(self.num_steps) and 1 <= self.num_steps <= 10**6,
+                "1..1e6")
+        require(self, "batch_size",
+                self.batch_size is None or (is_int(self.batch_size) and self.batch_size >= 1),
+                "an int >= 1 or None (full batch)")
+        require(self, "problem", self.problem in PROBLEMS, f"one of {PROBLEMS}")
+        require(self, "hidden", is_int(self.hidden) and 1 <= self.hidden <= 4096, "1..4096")
+        require(self, "clip", self.clip is None or (is_number(self.clip) and self.clip > 0),
+                "> 0 or None")
+        require(self, "seed", is_int(self.seed), "an int")
+        require(self, "divergence_factor",
+                is_number(self.divergence_factor) and self.divergence_factor > 1, "> 1")
 
 
 @dataclass

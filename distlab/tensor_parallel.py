@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import comm
+from .config import is_int, require
 from .transformer import attend
 
 
@@ -72,12 +73,10 @@ class TensorParallelConfig:
     """Attention heads split across ranks (0: no attention in the model)."""
 
     def __post_init__(self):
-        if isinstance(self.degree, bool) or not isinstance(self.degree, int) or self.degree < 1:
-            raise ValueError(f"degree={self.degree!r} must be an int >= 1")
-        if self.hidden < 1:
-            raise ValueError(f"hidden={self.hidden} must be >= 1")
-        if self.num_heads < 0:
-            raise ValueError(f"num_heads={self.num_heads} must be >= 0")
+        require(self, "degree", is_int(self.degree) and self.degree >= 1, "an int >= 1")
+        require(self, "hidden", is_int(self.hidden) and self.hidden >= 1, "an int >= 1")
+        require(self, "num_heads", is_int(self.num_heads) and self.num_heads >= 0,
+                "an int >= 0 (0: no attention)")
         check_divisible("hidden", self.hidden, self.degree)
         if self.num_heads:
             check_divisible("num_heads", self.num_heads, self.degree)

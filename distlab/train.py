@@ -24,7 +24,6 @@ Other labs reuse :class:`SyncSGDConfig`, :func:`build_task` and :func:`batch_ind
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -36,6 +35,7 @@ from torch import nn
 
 from . import comm, data, models
 from . import data_parallel as dp
+from .config import is_int, is_number, require
 from .launcher import MAX_WORLD_SIZE, Run, device, start
 from .metrics import report
 
@@ -75,41 +75,30 @@ class SyncSGDConfig:
     """Record compute and communication intervals of steps 1..timeline_steps (0: none)."""
 
     def __post_init__(self):
-        def bad(name, allowed):
-            raise ValueError(f"SyncSGDConfig.{name}={getattr(self, name)!r} is invalid; "
-                             f"allowed: {allowed}")
-
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        if self.task not in TRAIN_SIZES:
-            bad("task", f"one of {sorted(TRAIN_SIZES)}")
-        if not (is_int(self.world_size) and 1 <= self.world_size <= MAX_WORLD_SIZE):
-            bad("world_size", f"an int in 1..{MAX_WORLD_SIZE}")
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
-            bad("lr", "a finite number > 0")
+        require(self, "task", self.task in TRAIN_SIZES, f"one of {sorted(TRAIN_SIZES)}")
+        require(self, "world_size",
+                is_int(self.world_size) and 1 <= self.world_size <= MAX_WORLD_SIZE,
+                f"an int in 1..{MAX_WORLD_SIZE}")
+        require(self, "lr", is_number(self.lr) and self.lr > 0, "a finite number > 0")
         most = TRAIN_SIZES[self.task] // self.world_size
-        if not (is_int(self.batch_size) and 1 <= self.batch_size <= most):
-            bad("batch_size", f"an int in 1..{most} (each rank's shard of {self.task!r} "
-                              f"has {most} examples on {self.world_size} ranks)")
-        if not (is_int(self.num_steps) and self.num_steps >= 1):
-            bad("num_steps", "an int >= 1")
-        if self.variant not in dp.VARIANTS:
-            bad("variant", f"one of {list(dp.VARIANTS)}")
-        if not (isinstance(self.bucket_size_mb, (int, float)) and self.bucket_size_mb > 0):
-            bad("bucket_size_mb", "a number > 0 (MiB)")
-        if not isinstance(self.lr_scaling, bool):
-            bad("lr_scaling", "True or False")
-        if not (is_int(self.warmup_steps) and self.warmup_steps >= 0):
-            bad("warmup_steps", "an int >= 0")
-        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
-            bad("momentum", "a number in [0, 1)")
-        if not is_int(self.seed):
-            bad("seed", "an int")
-        if not (is_int(self.eval_every) and self.eval_every >= 1):
-            bad("eval_every", "an int >= 1")
-        if not (is_int(self.timeline_steps) and 0 <= self.timeline_steps < self.num_steps):
-            bad("timeline_steps", f"an int in 0..{self.num_steps - 1} (below num_steps)")
+        require(self, "batch_size", is_int(self.batch_size) and 1 <= self.batch_size <= most,
+                f"an int in 1..{most} (each rank's shard of {self.task!r} has {most} examples "
+                f"on {self.world_size} ranks)")
+        require(self, "num_steps", is_int(self.num_steps) and self.num_steps >= 1, "an int >= 1")
+        require(self, "variant", self.variant in dp.VARIANTS, f"one of {list(dp.VARIANTS)}")
+        require(self, "bucket_size_mb", is_number(self.bucket_size_mb) and self.bucket_size_mb > 0,
+                "a number > 0 (MiB)")
+        require(self, "lr_scaling", isinstance(self.lr_scaling, bool), "True or False")
+        require(self, "warmup_steps", is_int(self.warmup_steps) and self.warmup_steps >= 0,
+                "an int >= 0")
+        require(self, "momentum", is_number(self.momentum) and 0 <= self.momentum < 1,
+                "a number in [0, 1)")
+        require(self, "seed", is_int(self.seed), "an int")
+        require(self, "eval_every", is_int(self.eval_every) and self.eval_every >= 1,
+                "an int >= 1")
+        require(self, "timeline_steps",
+                is_int(self.timeline_steps) and 0 <= self.timeline_steps < self.num_steps,
+                f"an int in 0..{self.num_steps - 1} (below num_steps)")
 
 
 @dataclass

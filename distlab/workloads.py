@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import is_int, is_number, require
+
 MODELS = ("mlp", "transformer")
 
 
@@ -47,17 +49,16 @@ class Workload:
     """The loaded data, set by :meth:`loaded` (None: each process loads its own)."""
 
     def __post_init__(self):
-        if self.model not in MODELS:
-            raise ValueError(f"model={self.model!r} is not one of {MODELS}")
+        require(self, "model", self.model in MODELS, f"one of {MODELS}")
         for name in ("hidden", "depth", "batch_size", "num_steps", "block_size"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r} must be an int >= 1")
-        if self.model == "transformer" and (self.num_heads < 1 or self.hidden % self.num_heads):
-            raise ValueError(f"num_heads={self.num_heads} must be >= 1 and divide "
-                             f"hidden={self.hidden} (each head gets hidden/num_heads dims)")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr} must be > 0")
+            require(self, name, is_int(v) and v >= 1, "an int >= 1")
+        if self.model == "transformer":
+            require(self, "num_heads", is_int(self.num_heads) and self.num_heads >= 1
+                    and self.hidden % self.num_heads == 0,
+                    f"an int >= 1 dividing hidden={self.hidden} (each head gets "
+                    "hidden/num_heads dims)")
+        require(self, "lr", is_number(self.lr) and self.lr > 0, "a number > 0")
 
     def build_model(self) -> nn.Sequential:
         """The full, unsplit model (the same weights on every rank, from ``seed``)."""

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from . import comm, data, launcher, memory, models
+from .config import is_int, is_number, require
 from .fsdp import FullyShardedDataParallel
 from .metrics import report
 from .zero import OPTIMIZERS, STAGES, NaiveDistributedOptimizer, ShardedOptimizer
@@ -66,20 +67,15 @@ class ZeroConfig:
     """seed of the model and of the batches."""
 
     def __post_init__(self):
-        checks = [("stage", self.stage in STAGES, "0, 1, 2 or 3"),
-                  ("optimizer", self.optimizer in OPTIMIZERS, f"one of {sorted(OPTIMIZERS)}"),
-                  ("lr", isinstance(self.lr, (int, float)) and 0 < self.lr <= 10, "(0, 10]"),
-                  ("hidden", isinstance(self.hidden, int) and 1 <= self.hidden <= 4096,
-                   "1..4096"),
-                  ("depth", isinstance(self.depth, int) and 1 <= self.depth <= 16, "1..16"),
-                  ("num_steps", isinstance(self.num_steps, int) and 1 <= self.num_steps <= 10**6,
-                   "1..1000000"),
-                  ("batch_size", isinstance(self.batch_size, int) and 1 <= self.batch_size
-                   <= 1437, "1..1437 (the digits training set)")]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"ZeroConfig.{name}={getattr(self, name)!r} is out of range; "
-                                 f"allowed {allowed}")
+        require(self, "stage", self.stage in STAGES, "0, 1, 2 or 3")
+        require(self, "optimizer", self.optimizer in OPTIMIZERS, f"one of {sorted(OPTIMIZERS)}")
+        require(self, "lr", is_number(self.lr) and 0 < self.lr <= 10, "(0, 10]")
+        require(self, "hidden", is_int(self.hidden) and 1 <= self.hidden <= 4096, "1..4096")
+        require(self, "depth", is_int(self.depth) and 1 <= self.depth <= 16, "1..16")
+        require(self, "num_steps", is_int(self.num_steps) and 1 <= self.num_steps <= 10**6,
+                "1..1000000")
+        require(self, "batch_size", is_int(self.batch_size) and 1 <= self.batch_size <= 1437,
+                "1..1437 (the digits training set)")
 
 
 def _batch(config: ZeroConfig, step: int, n: int) -> torch.Tensor:
