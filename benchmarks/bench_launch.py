@@ -107,7 +107,7 @@ def timed(fn, repeats):
 def overhead_worker(iters: int, numel: int):
     torch.set_num_threads(1)
     from distlab import comm
-    rank, p = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     x = torch.ones(numel)
     times = {"dist.all_reduce": [], "comm.all_reduce": [], "dist.send/recv": [],
              "comm.send/recv": []}

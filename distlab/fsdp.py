@@ -166,7 +166,7 @@ class FullyShardedDataParallel(nn.Module):
         self.param_names = [n for n, _ in named]
         self._owners = {i: [] for i in range(len(named))}   # i -> [(module, attribute)]
         index = {id(p): i for i, (_, p) in enumerate(named)}
-        parent, unit_of_module = {}, {}
+        parent = {}
         for mname, m in module.named_modules():
             for cname, c in m.named_children():
                 parent[c] = m

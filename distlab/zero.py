@@ -368,7 +368,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         index = {id(p): i for i, p in enumerate(self._params)}
         local_index = {id(s): j for j, s in enumerate(s for g in self.optim.param_groups
                                                        for s in g["params"])}
-        local_state, n = {}, 0
+        local_state = {}
         for g, saved in zip(self.param_groups, groups):
             g.update(_hyper(saved))
             for p, key in zip(g["params"], saved["params"]):

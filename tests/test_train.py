@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import distlab
 from distlab import data
 from distlab.train import (TRAIN_SIZES, SyncSGDConfig, batch_indices, build_task, lr_at,
                            start_run, train_reference)

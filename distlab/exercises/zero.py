@@ -49,7 +49,7 @@ def _reference():
 
 
 def _worker(student_fn):
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+    world_size = dist.get_world_size()
     param = torch.linspace(-1, 1, NUMEL)
     momentum = torch.zeros(NUMEL // world_size)
     comm.ledger().reset()
