@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 
+import psutil
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
@@ -50,31 +51,15 @@ def spawn_launch(world_size, hold=0.0):
     tmp.spawn(_spawn_worker, args=(world_size, port, hold), nprocs=world_size)
 
 
-def _descendants(root: int) -> list[int]:
-    parents = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    parents[int(name)] = int(f.read().rsplit(") ", 1)[1].split()[1])
-            except (OSError, IndexError):
-                pass
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {p for p, pp in parents.items() if pp in frontier} - found
-        found |= frontier
-    return sorted(found)
-
-
-def _pss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+def total_pss() -> int:
+    """Sum of the PSS of every process below this one (the forkserver and workers too)."""
+    total = 0
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            total += proc.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return total
 
 
 def peak_memory(fn) -> float:
@@ -83,7 +68,7 @@ def peak_memory(fn) -> float:
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], sum(_pss(p) for p in _descendants(os.getpid())))
+            peak[0] = max(peak[0], total_pss())
             time.sleep(0.1)
     th = threading.Thread(target=sample)
     th.start()

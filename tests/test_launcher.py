@@ -7,6 +7,7 @@ import textwrap
 import threading
 import time
 
+import psutil
 import pytest
 import torch
 import torch.distributed as dist
@@ -17,9 +18,8 @@ from distlab.launcher import MAX_WORLD_SIZE
 
 def _alive(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
 
 
@@ -180,19 +180,7 @@ def test_bad_arguments_fail_before_any_process(bad, error, match):
 
 
 def _descendants() -> set[int]:
-    parents = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    parents[int(name)] = int(f.read().rsplit(") ", 1)[1].split()[1])
-            except (FileNotFoundError, ProcessLookupError, IndexError):
-                pass
-    found, frontier = set(), {os.getpid()}
-    while frontier:
-        frontier = {p for p, pp in parents.items() if pp in frontier} - found
-        found |= frontier
-    return found
+    return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
 def test_non_callable_and_nccl_without_gpus():
