@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 import distlab
-from distlab import parameter_server as ps
+from distlab.asynchronous import parameter_server as ps
 
 STEP_TIME, STRAGGLER, TARGET, LR = 0.02, 3.0, 0.02, 0.1
 

@@ -2,11 +2,11 @@
 
 Run:  .venv/bin/python benchmarks/bench_collectives.py [--out benchmarks/results/collectives.md]
 
-1. Bandwidth: ``distlab.collectives.ring_all_reduce`` against ``torch.distributed.all_reduce``
+1. Bandwidth: ``distlab.communication.collectives.ring_all_reduce`` against ``torch.distributed.all_reduce``
    (gloo), interleaved in the same processes, on 2/4/8 ranks and 4 KiB to 16 MiB of float32.
    Bus bandwidth = 2(p-1)/p·n / time (the ring's traffic per rank over the time, as in
    nccl-tests). Target: 4 ranks, 4 MiB: ring ≥ 0.8× gloo's bandwidth.
-2. Model: ``distlab.cost_model.measure`` over the same grid for ring, recursive doubling and
+2. Model: ``distlab.communication.cost_model.measure`` over the same grid for ring, recursive doubling and
    naive; ``cost_model.fit`` per algorithm. Target: median relative error ≤ 25%.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 import distlab
-from distlab import collectives, cost_model
+from distlab.communication import collectives, cost_model
 
 KIB, MIB = 1024, 1024 * 1024
 SIZES = [4 * KIB, 16 * KIB, 64 * KIB, 256 * KIB, 1 * MIB, 4 * MIB, 16 * MIB]

@@ -2,7 +2,7 @@
 
 Run:  .venv/bin/python benchmarks/bench_compression.py [--sizes 2 4] [--out benchmarks/results/compression.md]
 
-1. Local SGD (H = 8, 200 steps, the lab's MLP on the digits): ``distlab.local_sgd.train``
+1. Local SGD (H = 8, 200 steps, the lab's MLP on the digits): ``distlab.communication_efficient.local_sgd.train``
    against a loop with ``torch.optim.SGD`` and PyTorch's
    ``torch.distributed.algorithms.model_averaging.averagers.PeriodicModelAverager``, in the
    same processes, interleaved. Targets: the same final parameters (max |diff| <= 1e-5) and
@@ -27,8 +27,9 @@ import torch
 import torch.distributed as dist
 
 import distlab
-from distlab import comm, local_sgd
-from distlab.compression import METHODS, all_reduce_compressed, bytes_sent_per_call, make_compressor
+from distlab import comm
+from distlab.communication_efficient import local_sgd
+from distlab.communication_efficient.compression import METHODS, all_reduce_compressed, bytes_sent_per_call, make_compressor
 
 STEPS, PERIOD, N, REPEATS = 200, 8, 2 ** 20, 5
 ALPHA, BANDWIDTH = 50e-6, 1.25e8          # simulated network: 50 us, 1 Gbit/s

@@ -22,8 +22,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import distlab
-from distlab import data_parallel, models
-from distlab.train import SGD
+from distlab.data_parallel import ddp as data_parallel
+from distlab.problems import models
+from distlab.data_parallel.sync_sgd import SGD
 
 VARIANTS = ["torch DDP", "naive", "flat", "overlap", "bucketed"]
 

@@ -43,8 +43,8 @@ def tensor_parallel_worker():
     from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
                                                    parallelize_module)
     from distlab import comm
-    from distlab.tensor_parallel import ParallelMLP
-    from distlab.transformer import FeedForward
+    from distlab.model_parallel.tensor_parallel import ParallelMLP
+    from distlab.problems.transformer import FeedForward
     torch.manual_seed(0)
     full = FeedForward(D_MODEL)
     x = torch.randn(TOKENS, D_MODEL)
@@ -71,7 +71,7 @@ def tensor_parallel_worker():
 
 
 def pipeline_worker(config, workload):
-    from distlab import pipeline
+    from distlab.model_parallel import pipeline
     t = time.perf_counter()
     result = pipeline.train(config, workload)
     return time.perf_counter() - t, result
@@ -85,8 +85,8 @@ def main():
     rows.append(("  (unsplit block, 1 process, ms)", tp["single"] * 1e3, float("nan"),
                  float("nan")))
 
-    from distlab import pipeline
-    from distlab.workloads import Workload, train_reference
+    from distlab.model_parallel import pipeline
+    from distlab.problems.workloads import Workload, train_reference
     wl = Workload("mlp", hidden=512, depth=3, batch_size=256, num_steps=20).loaded()
     torch.set_num_threads(1)          # as each worker: one thread per rank
     t = time.perf_counter()

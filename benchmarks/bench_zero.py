@@ -1,8 +1,8 @@
 """Benchmark: distlab's ZeRO stage 1 and stage 3 against PyTorch's own, on gloo, 4 ranks.
 
-* stage 1: ``distlab.zero.ShardedOptimizer`` vs ``torch.distributed.optim.ZeroRedundancyOptimizer``,
+* stage 1: ``distlab.sharding.zero.ShardedOptimizer`` vs ``torch.distributed.optim.ZeroRedundancyOptimizer``,
   both with gradients averaged by the same flat all-reduce beforehand (the convention of both);
-* stage 3: ``distlab.fsdp.FullyShardedDataParallel`` vs FSDP2
+* stage 3: ``distlab.sharding.fsdp.FullyShardedDataParallel`` vs FSDP2
   ``torch.distributed.fsdp.fully_shard`` (one unit per Linear, then the root);
 * memory: the optimizer state each rank holds, against the full state / N.
 
@@ -26,8 +26,9 @@ import torch.distributed as dist
 from torch import nn
 
 import distlab
-from distlab import comm, zero
-from distlab.fsdp import FullyShardedDataParallel
+from distlab import comm
+from distlab.sharding import zero
+from distlab.sharding.fsdp import FullyShardedDataParallel
 
 WORLD_SIZE, WIDTH, DEPTH, BATCH, STEPS, ROUNDS = 4, 512, 4, 64, 5, 20
 

@@ -5,8 +5,8 @@ backend="nccl")`` and, on CUDA tensors,
 
 * runs each collective through ``distlab.comm`` (and lab 01's ring all-reduce built from
   send/recv, when present), checks the result and measures its bus bandwidth;
-* trains a small MLP for a few steps with every data-parallel variant (``distlab.data_parallel``)
-  and with the sharded optimizers (ZeRO-1/2 ``distlab.zero``, ZeRO-3 ``distlab.fsdp``), and
+* trains a small MLP for a few steps with every data-parallel variant (``distlab.data_parallel.ddp``)
+  and with the sharded optimizers (ZeRO-1/2 ``distlab.sharding.zero``, ZeRO-3 ``distlab.sharding.fsdp``), and
   compares the parameters with one process training on the whole batch (``assert_close``);
 
 then prints a short table (``--write`` also saves it to ``benchmarks/results/device_check.md``).
@@ -141,7 +141,7 @@ def _batch(dev, seed=0, size=256):
 
 def _reference(optimizer_class, steps, dev, **hyper):
     """One process, the whole batch: what every distributed variant must reproduce."""
-    from distlab.models import mlp
+    from distlab.problems.models import mlp
     model = mlp(64, 256, 10, depth=2, seed=0).to(dev)
     opt = optimizer_class(model.parameters(), **hyper)
     X, y = _batch(dev)
@@ -154,7 +154,7 @@ def _reference(optimizer_class, steps, dev, **hyper):
 
 def _training_rows(steps: int) -> list[tuple]:
     import torch.distributed as dist
-    from distlab.models import mlp
+    from distlab.problems.models import mlp
     F = torch.nn.functional
     rank, n, dev = dist.get_rank(), dist.get_world_size(), distlab.device()
     X, y = _batch(dev)

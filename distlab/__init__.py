@@ -2,9 +2,9 @@
 
 Start here: :func:`launch` runs a function on N real processes and returns their results.
 """
-from .launcher import MAX_WORLD_SIZE, Run, WorkerError, launch, start, warm_up
-from .worker import device, init_from_env
-from .metrics import report
+from distlab.launcher import MAX_WORLD_SIZE, Run, WorkerError, launch, start, warm_up
+from distlab.worker import device, init_from_env
+from distlab.metrics import report
 
 __all__ = ["launch", "start", "Run", "WorkerError", "report", "device", "init_from_env",
            "warm_up", "MAX_WORLD_SIZE"]

@@ -26,7 +26,7 @@ def demo(out: str, num_steps: int, straggler: float) -> dict:
     """Run the sync-vs-async comparison and write the report to ``out``; return a summary."""
     import plotly.express as px
 
-    from . import parameter_server as ps
+    from distlab.asynchronous import parameter_server as ps
     base = dict(num_workers=4, problem="linear_regression", lr=0.05, num_steps=num_steps,
                 batch_size=32, step_time=0.02, slowdown=(straggler,), seed=0)
     runs = {"synchronous (BSP, staleness 0)": ps.ParameterServerConfig(staleness=0, **base),
@@ -86,7 +86,7 @@ def demo(out: str, num_steps: int, straggler: float) -> dict:
 def _algorithms():
     """``{name: (description, worker(settings) -> dict)}``, imported lazily."""
     def ddp(s):
-        from . import train
+        from distlab.data_parallel import sync_sgd as train
         config = train.SyncSGDConfig(task=s.task, world_size=_world(), lr=s.lr,
                                      num_steps=s.steps, batch_size=s.batch_size,
                                      variant=s.variant)
@@ -94,7 +94,7 @@ def _algorithms():
         return {"final": out["final"], "wall_time": out["wall_time"]}
 
     def ps(s):
-        from . import parameter_server as psm
+        from distlab.asynchronous import parameter_server as psm
         config = psm.ParameterServerConfig(num_workers=_world() - 1, problem=_ps_task(s.task),
                                            lr=s.lr, num_steps=s.steps,
                                            staleness=s.staleness)
@@ -102,7 +102,7 @@ def _algorithms():
         return {k: v for k, v in out.items() if k in ("role", "final_loss", "lost")}
 
     def local_sgd(s):
-        from . import local_sgd as lsgd
+        from distlab.communication_efficient import local_sgd as lsgd
         config = lsgd.LocalSGDConfig(world_size=_world(), num_steps=s.steps, lr=s.lr)
         losses = lsgd.train(config)
         return {"final_loss": losses[-1] if losses else None}
@@ -122,7 +122,7 @@ def _world() -> int:
 
 
 def _train_on_rank(algo: str, settings) -> dict:
-    from . import metrics
+    from distlab import metrics
     worker = _algorithms()[algo][1]
     result = worker(settings)
     result["records"] = len(metrics.local_records())
@@ -135,7 +135,7 @@ def train_command(args) -> int:
     if under_torchrun:
         import torch.distributed as dist
 
-        from .worker import init_from_env
+        from distlab.worker import init_from_env
         init_from_env()
         try:
             result = _train_on_rank(args.algo, args)
@@ -146,7 +146,7 @@ def train_command(args) -> int:
         finally:
             dist.destroy_process_group()
         return 0
-    from .launcher import launch
+    from distlab.launcher import launch
     t0 = time.time()
     results = launch(_train_on_rank, args.nproc, args.algo, args, timeout=args.timeout)
     print(json.dumps({"algo": args.algo, "world_size": args.nproc,
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     t.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from .settings import scale
+        from distlab.course.settings import scale
         steps = args.steps or scale(200, 60)
         demo(args.out, steps, args.straggler)
         return 0

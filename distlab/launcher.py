@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from .worker import _worker_main, device, init_from_env  # noqa: F401 (public here too)
+from distlab.worker import _worker_main, device, init_from_env  # noqa: F401 (public here too)
 
 MAX_WORLD_SIZE = 64
 """Largest world size a launch accepts on one machine."""
@@ -470,7 +470,7 @@ class Run:
         One row per :func:`distlab.report` call, with columns ``rank``, ``step``, ``time``
         (seconds since the launch started) and one column per reported value.
         """
-        from .metrics import to_frame
+        from distlab.metrics import to_frame
         return to_frame(self.records(), run=self.name)
 
     def __repr__(self):

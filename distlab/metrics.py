@@ -30,7 +30,7 @@ import time
 
 import pandas as pd
 
-from . import worker as _worker
+from distlab import worker as _worker
 
 COLUMNS = ("run", "rank", "step", "time")
 

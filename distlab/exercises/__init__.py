@@ -19,7 +19,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable
 
-from ..settings import solutions_enabled
+from distlab.course.settings import solutions_enabled
 
 _SOLUTIONS: dict[str, Callable] = {}
 

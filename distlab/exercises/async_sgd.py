@@ -4,12 +4,12 @@ The student writes ``may_proceed(clock, clocks, staleness) -> bool``: may a work
 about to start ``clock`` go on, given the clocks of the live workers (how many gradients
 each has pushed), or must it wait for the slowest? (Ho et al. 2013, section 3.)
 :func:`check_ssp_wait` first asks it a table of small cases, then plugs it into the real
-parameter server (:mod:`distlab.parameter_server`) on 4 processes with a straggler and
+parameter server (:mod:`distlab.asynchronous.parameter_server`) on 4 processes with a straggler and
 replays the server's log to see whether any worker ran too far ahead.
 """
 from __future__ import annotations
 
-from . import Verdict, register
+from distlab.exercises import Verdict, register
 
 CASES = [  # (clock, clocks of the live workers, staleness, expected)
     (0, [0, 0, 0], 0, True), (1, [1, 0, 1], 0, False), (1, [1, 1, 1], 0, True),
@@ -44,8 +44,8 @@ def check_ssp_wait(student_fn, staleness: int = 1, num_workers: int = 3,
             return Verdict(False, f"may_proceed(clock={clock}, clocks={clocks}, "
                                   f"staleness={s}) returned {got!r}, expected {expected}: {why}.")
 
-    from .. import WorkerError
-    from .. import parameter_server as ps
+    from distlab import WorkerError
+    from distlab.asynchronous import parameter_server as ps
     config = ps.ParameterServerConfig(
         num_workers=num_workers, staleness=staleness, lr=0.02, num_steps=45,
         step_time=0.004, slowdown=(1,) * (num_workers - 1) + (4,), wait_rule=student_fn)

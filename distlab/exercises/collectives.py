@@ -2,7 +2,7 @@
 
 The student writes ``ring_all_reduce(tensor, group=None)``: sum ``tensor`` over all ranks,
 in place, with ``comm.isend`` / ``comm.irecv`` only, as a reduce-scatter followed by an
-all-gather around the ring (see :func:`distlab.collectives.ring_all_reduce`).
+all-gather around the ring (see :func:`distlab.communication.collectives.ring_all_reduce`).
 
 How the checker finds the mistake: rank r contributes ``(i + 1) · 8^r`` at element i, so
 every element of the result, divided by ``i + 1``, is a number whose base-8 digits count
@@ -15,8 +15,8 @@ from typing import Callable
 
 import torch
 
-from ..launcher import WorkerError, launch
-from . import Verdict, register
+from distlab.launcher import WorkerError, launch
+from distlab.exercises import Verdict, register
 
 BASE = 8            # one base-8 digit per rank: exact in float32 for up to 7 ranks
 NUMEL = 12          # 3 elements per chunk on 4 ranks

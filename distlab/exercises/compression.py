@@ -21,8 +21,8 @@ from typing import Callable
 
 import torch
 
-from ..launcher import WorkerError, launch
-from . import Verdict, register
+from distlab.launcher import WorkerError, launch
+from distlab.exercises import Verdict, register
 
 WORLD_SIZE, NUMEL, K, STEPS = 3, 24, 4, 3
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..launcher import WorkerError, launch
-from . import Verdict, register
+from distlab.launcher import WorkerError, launch
+from distlab.exercises import Verdict, register
 
 
 @register("average_gradients")

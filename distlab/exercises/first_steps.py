@@ -10,8 +10,8 @@ from typing import Callable
 
 import torch
 
-from ..launcher import WorkerError, launch
-from . import Verdict, register
+from distlab.launcher import WorkerError, launch
+from distlab.exercises import Verdict, register
 
 
 @register("global_mean")

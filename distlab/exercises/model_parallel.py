@@ -14,8 +14,8 @@ from typing import Callable
 
 import torch
 
-from ..launcher import WorkerError, launch
-from . import Verdict, register
+from distlab.launcher import WorkerError, launch
+from distlab.exercises import Verdict, register
 
 IN_FEATURES, OUT_FEATURES = 12, 5
 

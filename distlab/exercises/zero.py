@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .. import comm, launcher
-from . import Verdict, register
+from distlab import comm, launcher
+from distlab.exercises import Verdict, register
 
 NUMEL, STEPS, LR, BETA = 24, 3, 0.1, 0.9
 

@@ -1,0 +1,364 @@
+"""Collectives from scratch: all-reduce and friends built from point-to-point messages.
+
+Every function here takes ``(tensor, group=None)`` like ``torch.distributed.all_reduce``,
+works in place, and is built only from :func:`distlab.comm.isend` / :func:`~distlab.comm.irecv`
+pairs (gloo hangs on ``batch_isend_irecv``), so the ledger counts every byte. They work
+for any world size (powers of two or not) and any length (shorter than the world too).
+
+Costs in the alpha-beta model (Thakur, Rabenseifner and Gropp, "Optimization of Collective
+Communication Operations in MPICH", IJHPCA 2005): a message of n bytes takes alpha + n·beta;
+p ranks; n the tensor's bytes.
+
+=============================  =============================  ==============================
+algorithm                      time                           bytes sent per rank
+=============================  =============================  ==============================
+:func:`naive_all_reduce`       2(p-1)·alpha + 2(p-1)·n·beta   root (p-1)·n, others n
+:func:`recursive_doubling_...` lg p·alpha + lg p·n·beta       lg p·n   (p a power of two)
+:func:`ring_reduce_scatter`    (p-1)·alpha + (p-1)/p·n·beta   (p-1)/p·n
+:func:`ring_all_gather`        (p-1)·alpha + (p-1)/p·n·beta   (p-1)/p·n
+:func:`ring_all_reduce`        2(p-1)·alpha + 2(p-1)/p·n·beta 2(p-1)/p·n
+=============================  =============================  ==============================
+
+The ring is bandwidth-optimal (its n·beta term cannot be beaten), recursive doubling is
+latency-optimal, and the naive parameter-server pattern is neither: its root's link carries
+every byte. :mod:`distlab.communication.cost_model` turns this table into code and fits it to your machine.
+
+Options shared by every function (keyword-only):
+
+* ``check``: first compare shape and dtype across ranks with one tiny all-gather, so a
+  mismatch is a clear error on every rank instead of a wrong answer or a hang. Benchmarks
+  turn it off. Its bytes appear in the ledger under ``"all_gather"``, the algorithm's own
+  under ``"send"``/``"recv"``.
+* ``network``: a :class:`distlab.communication.netsim.Network` whose *injected* latency and bandwidth are
+  added to every message (a simulated cluster on one machine).
+* ``trace``: a list; when given, one event per message is appended to it (who sent which
+  chunk to whom, when) for :func:`figure_timeline`. Nothing is recorded otherwise.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from distlab import comm
+
+_clock = time.perf_counter   # CLOCK_MONOTONIC: comparable across processes on one machine
+
+
+# ----------------------------------------------------------------------------------------
+# Plumbing: ranks inside a group, input checks, one exchange step.
+# ----------------------------------------------------------------------------------------
+
+def _group_rank_and_size(tensor, group, check, name) -> tuple[int, int]:
+    """This rank's index in ``group`` and the group's size, after checking the input."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name}: tensor must be a torch.Tensor, got {type(tensor).__name__}")
+    rank = dist.get_rank(group)
+    if rank < 0:
+        members = dist.get_process_group_ranks(group)
+        raise ValueError(f"{name}: rank {dist.get_rank()} is not in the group {members}; "
+                         "call it only on the group's members")
+    if not tensor.is_contiguous():
+        raise ValueError(f"{name}: tensor must be contiguous (the result is written into its "
+                         "memory); pass tensor.contiguous() and copy back")
+    if check:
+        _check_same_tensor_everywhere(tensor, group, name)
+    return rank, dist.get_world_size(group)
+
+
+_MAX_DIMS = 8
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
+           torch.int32, torch.int16, torch.int8, torch.uint8, torch.complex64, torch.complex128)
+
+
+def _check_same_tensor_everywhere(tensor, group, name) -> None:
+    """Raise on every rank if the ranks' tensors differ in shape or dtype (one all-gather)."""
+    dims = list(tensor.shape)[:_MAX_DIMS]
+    code = _DTYPES.index(tensor.dtype) if tensor.dtype in _DTYPES else -1
+    sig = torch.tensor([code, tensor.dim(), tensor.numel(), hash(tuple(tensor.shape))]
+                       + dims + [-1] * (_MAX_DIMS - len(dims)), dtype=torch.int64)
+    p = dist.get_world_size(group)
+    rows = [torch.empty_like(sig) for _ in range(p)]
+    comm.all_gather(rows, sig, group=group)
+    rows = torch.stack(rows)                                  # (p, 4 + _MAX_DIMS)
+    if code < 0:
+        raise TypeError(f"{name}: dtype {tensor.dtype} is not supported; use one of {_DTYPES}")
+    if bool((rows == rows[0]).all()):
+        return
+
+    def describe(row):
+        ndim = int(row[1])
+        shape = tuple(int(d) for d in row[4: 4 + min(ndim, _MAX_DIMS)])
+        dtype = _DTYPES[int(row[0])] if 0 <= row[0] < len(_DTYPES) else "unsupported dtype"
+        return f"{shape}{'...' if ndim > _MAX_DIMS else ''} {dtype}"
+
+    seen = "; ".join(f"rank {r}: {describe(row)}" for r, row in enumerate(rows.tolist()))
+    raise ValueError(f"{name}: every rank must pass a tensor of the same shape and dtype, "
+                     f"but got {seen}")
+
+
+def _exchange(send_buf, dst, recv_buf, src, group, network, me, trace, event):
+    """Send ``send_buf`` to ``dst`` while receiving ``recv_buf`` from ``src``; wait for both.
+
+    ``me``, ``dst`` and ``src`` are group ranks; a ``None`` buffer means no message that way.
+    """
+    t0 = _clock()
+    if network is not None and send_buf is not None:
+        network.inject(comm.nbytes(send_buf), _global(group, me), _global(group, dst))
+    works = []
+    if recv_buf is not None:   # post the receive first: the peer's message has a home
+        works.append(comm.irecv(recv_buf, _global(group, src), group=group))
+    if send_buf is not None:
+        works.append(comm.isend(send_buf, _global(group, dst), group=group))
+    for w in works:
+        w.wait()
+    if trace is not None:
+        trace.append(dict(event, rank=me, dst=dst, src=src, start=t0, end=_clock(),
+                          nbytes=0 if send_buf is None else comm.nbytes(send_buf)))
+
+
+def _global(group, group_rank: int) -> int:
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+
+# ----------------------------------------------------------------------------------------
+# The naive all-reduce: gather to a root, add, broadcast back (the parameter server).
+# ----------------------------------------------------------------------------------------
+
+def naive_all_reduce(tensor, group=None, *, check=True, network=None, trace=None):
+    """Sum ``tensor`` over the group, in place: everyone sends to rank 0, which sends back.
+
+    The parameter-server pattern (Li et al., OSDI 2014), written as the flat (linear) reduce
+    and broadcast of Thakur et al. 2005, section 2. Not used for large tensors in practice:
+    rank 0's link carries all the traffic, ``(p-1)·n`` in and ``(p-1)·n`` out.
+
+    Cost: ``2(p-1)·alpha + 2(p-1)·n·beta`` (rank 0 handles one message at a time).
+    """
+    me, p = _group_rank_and_size(tensor, group, check, "naive_all_reduce")
+    if p == 1 or tensor.numel() == 0:
+        return tensor
+    flat = tensor.view(-1)
+    if me != 0:
+        _exchange(flat, 0, None, None, group, network, me, trace, dict(phase="gather", chunk=me))
+        _exchange(None, None, flat, 0, group, network, me, trace, dict(phase="broadcast", chunk=0))
+        return tensor
+    parts = [torch.empty_like(flat) for _ in range(p - 1)]
+    t0 = _clock()
+    works = [comm.irecv(buf, _global(group, src), group=group)
+             for src, buf in enumerate(parts, start=1)]   # every sender at once
+    for w in works:
+        w.wait()
+    if network is not None:   # rank 0's one link takes the p-1 messages one after another
+        network.inject_incoming([comm.nbytes(flat)] * (p - 1),
+                                [_global(group, s) for s in range(1, p)], _global(group, 0))
+    if trace is not None:
+        trace.append(dict(phase="gather", chunk=0, rank=0, dst=None, src=-1, start=t0,
+                          end=_clock(), nbytes=0))
+    for buf in parts:         # add in rank order: the same rounding on every run
+        flat.add_(buf)
+    for dst in range(1, p):   # one message after another, like a real server's link
+        _exchange(flat, dst, None, None, group, network, 0, trace,
+                  dict(phase="broadcast", chunk=0))
+    return tensor
+
+
+# ----------------------------------------------------------------------------------------
+# Recursive doubling: lg p rounds of pairwise exchange of the whole vector.
+# ----------------------------------------------------------------------------------------
+
+def recursive_doubling_all_reduce(tensor, group=None, *, check=True, network=None, trace=None):
+    """Sum ``tensor`` over the group, in place, in lg p rounds of pairwise exchanges.
+
+    In round k, rank r swaps its whole partial sum with rank ``r XOR 2^k`` and adds
+    (Thakur et al. 2005, section 4.4). When p is not a power of two, the first
+    ``2·(p - p')`` ranks (p' the largest power of two below p) first fold pairwise into
+    p' ranks, and unfold after (Rabenseifner 2004): two more rounds for those ranks.
+
+    Cost: ``lg p·alpha + lg p·n·beta`` for p a power of two, else
+    ``(floor(lg p) + 2)·(alpha + n·beta)``. Latency-optimal; good for small tensors.
+    """
+    me, p = _group_rank_and_size(tensor, group, check, "recursive_doubling_all_reduce")
+    if p == 1 or tensor.numel() == 0:
+        return tensor
+    flat = tensor.view(-1)
+    buf = torch.empty_like(flat)
+    p2 = 1 << (p.bit_length() - 1)     # largest power of two <= p
+    extra = p - p2                     # ranks 0 .. 2·extra-1 fold into pairs
+
+    def real(v):                       # rank of virtual rank v among the p2 that remain
+        return 2 * v + 1 if v < extra else v + extra
+
+    if me < 2 * extra and me % 2 == 0:          # fold: hand my data to my odd neighbour
+        _exchange(flat, me + 1, None, None, group, network, me, trace, dict(phase="fold", chunk=0))
+        _exchange(None, None, flat, me + 1, group, network, me, trace, dict(phase="unfold", chunk=0))
+        return tensor
+    if me < 2 * extra:
+        _exchange(None, None, buf, me - 1, group, network, me, trace, dict(phase="fold", chunk=0))
+        flat.add_(buf)
+    v = me // 2 if me < 2 * extra else me - extra
+    mask, round_ = 1, 0
+    while mask < p2:
+        partner = real(v ^ mask)
+        _exchange(flat, partner, buf, partner, group, network, me, trace,
+                  dict(phase="exchange", chunk=round_))
+        flat.add_(buf)                 # x + y here and y + x there: the same bits on both
+        mask, round_ = mask << 1, round_ + 1
+    if me < 2 * extra:                 # unfold: give the result back to the even neighbour
+        _exchange(flat, me - 1, None, None, group, network, me, trace, dict(phase="unfold", chunk=0))
+    return tensor
+
+
+# ----------------------------------------------------------------------------------------
+# The ring: reduce-scatter, then all-gather, one chunk per step around the ring.
+# ----------------------------------------------------------------------------------------
+
+def _ring_pass(chunks, sends, recvs, add, group, network, me, p, trace, phase, step0):
+    """p-1 steps around the ring: in step s send ``chunks[sends[s]]`` right, receive left.
+
+    Every receive is posted before the first send (``recvs[s]`` is the buffer of step s, or
+    None for an empty chunk), so a message never waits for its receiver to say it is ready:
+    on gloo that handshake would otherwise sit on the critical path of every step. With
+    ``add``, the received buffer of step s is added into ``chunks[add[s]]``.
+    """
+    right, left = (me + 1) % p, (me - 1) % p
+    pending = [None if b is None else comm.irecv(b, _global(group, left), group=group)
+               for b in recvs]
+    sent = []     # a sent chunk is not written again in this pass: wait for the sends last
+    for s in range(p - 1):
+        t0 = _clock()
+        out = chunks[sends[s]]
+        if out.numel():                                   # an empty chunk: no message
+            if network is not None:
+                network.inject(comm.nbytes(out), _global(group, me), _global(group, right))
+            sent.append(comm.isend(out, _global(group, right), group=group))
+        if pending[s] is not None:
+            pending[s].wait()
+            if add is not None:
+                chunks[add[s]].add_(recvs[s])
+        if trace is not None:
+            trace.append(dict(phase=phase, step=step0 + s, chunk=sends[s], rank=me, dst=right,
+                              src=left, start=t0, end=_clock(), nbytes=comm.nbytes(out)))
+    for w in sent:
+        w.wait()
+
+
+def ring_reduce_scatter(tensor, group=None, *, check=True, network=None, trace=None):
+    """Sum ``tensor`` over the group so that rank r ends with chunk r of the sum, in place.
+
+    The tensor is split into p chunks (``torch.tensor_split``: the first ``n mod p`` chunks
+    are one element longer; some are empty when n < p). In step s = 0 .. p-2, rank r sends
+    chunk ``(r-s-1) mod p`` to rank r+1 and adds the chunk ``(r-s-2) mod p`` arriving from
+    rank r-1 (Patarasuk and Yuan 2009; Thakur et al. 2005, section 4.5). After p-1 steps
+    chunk r on rank r holds the full sum; the other chunks hold partial sums.
+
+    Returns chunk r (a view into ``tensor``). Uses (p-1)/p·n bytes of receive buffers.
+    Cost: ``(p-1)·alpha + (p-1)/p·n·beta``.
+    """
+    me, p = _group_rank_and_size(tensor, group, check, "ring_reduce_scatter")
+    chunks = tensor.view(-1).tensor_split(p)
+    if p == 1 or tensor.numel() == 0:
+        return chunks[me]
+    into = [(me - s - 2) % p for s in range(p - 1)]
+    bufs = [torch.empty_like(chunks[c]) if chunks[c].numel() else None for c in into]
+    _ring_pass(chunks, [(me - s - 1) % p for s in range(p - 1)], bufs, into, group, network,
+               me, p, trace, "reduce-scatter", 0)
+    return chunks[me]
+
+
+def ring_all_gather(tensor, group=None, *, check=True, network=None, trace=None):
+    """Fill every chunk of ``tensor`` from the rank that owns it, in place.
+
+    On entry rank r's chunk r (``torch.tensor_split`` into p chunks) is valid; the rest is
+    overwritten. In step s = 0 .. p-2, rank r forwards chunk ``(r-s) mod p`` to rank r+1 and
+    receives chunk ``(r-s-1) mod p`` from rank r-1 (Thakur et al. 2005, section 4.1), straight
+    into its place. ``all_gather_into_tensor`` with the input already in place.
+
+    Cost: ``(p-1)·alpha + (p-1)/p·n·beta``.
+    """
+    me, p = _group_rank_and_size(tensor, group, check, "ring_all_gather")
+    if p == 1 or tensor.numel() == 0:
+        return tensor
+    chunks = tensor.view(-1).tensor_split(p)
+    into = [chunks[(me - s - 1) % p] for s in range(p - 1)]
+    _ring_pass(chunks, [(me - s) % p for s in range(p - 1)],
+               [c if c.numel() else None for c in into], None, group, network, me, p, trace,
+               "all-gather", p - 1)
+    return tensor
+
+
+def ring_all_reduce(tensor, group=None, *, check=True, network=None, trace=None):
+    """Sum ``tensor`` over the group, in place: ring reduce-scatter, then ring all-gather.
+
+    The bandwidth-optimal all-reduce (Patarasuk and Yuan 2009), the one NCCL, gloo and
+    Horovod use for large tensors. Every rank sends and receives ``2(p-1)/p·n`` bytes, the
+    lower bound, whatever p; the price is ``2(p-1)`` latency terms.
+
+    Cost: ``2(p-1)·alpha + 2(p-1)/p·n·beta``.
+    """
+    me, p = _group_rank_and_size(tensor, group, check, "ring_all_reduce")
+    if p == 1 or tensor.numel() == 0:
+        return tensor
+    ring_reduce_scatter(tensor, group, check=False, network=network, trace=trace)
+    ring_all_gather(tensor, group, check=False, network=network, trace=trace)
+    return tensor
+
+
+def gloo_all_reduce(tensor, group=None, *, check=True, network=None, trace=None):
+    """The built-in ``torch.distributed.all_reduce`` (counted), for comparison.
+
+    ``network`` is not applied (the messages are inside the backend) and ``trace`` stays
+    empty; ``check`` is ignored: the backend checks sizes itself.
+    """
+    comm.all_reduce(tensor, group=group)
+    return tensor
+
+
+ALL_REDUCES = {"ring": ring_all_reduce, "recursive_doubling": recursive_doubling_all_reduce,
+               "naive": naive_all_reduce, "gloo": gloo_all_reduce}
+"""All-reduce algorithms by name: the names :mod:`distlab.communication.cost_model` uses."""
+
+
+# ----------------------------------------------------------------------------------------
+# Figures for lab 01.
+# ----------------------------------------------------------------------------------------
+
+def figure_bytes_per_rank(bytes_sent: dict[str, list[int]], nbytes: int):
+    """Bar chart: bytes each rank sent, one group of bars per algorithm.
+
+    Args:
+        bytes_sent: ``{algorithm: [bytes sent by rank 0, rank 1, ...]}``.
+        nbytes: the size of the tensor that was all-reduced (drawn as a dashed line).
+    """
+    import plotly.graph_objects as go
+    fig = go.Figure()
+    for algorithm, per_rank in bytes_sent.items():
+        fig.add_bar(x=[f"rank {r}" for r in range(len(per_rank))], y=per_rank, name=algorithm)
+    fig.add_hline(y=nbytes, line_dash="dash", annotation_text="n (the tensor's bytes)")
+    fig.update_layout(barmode="group", title="bytes sent per rank in one all-reduce",
+                      yaxis_title="bytes_sent", template="plotly_white", height=360)
+    return fig
+
+
+def figure_timeline(trace: list[dict]):
+    """Per-rank timeline of one traced collective: which rank sends which chunk, when.
+
+    ``trace`` is the concatenation of every rank's ``trace`` list. Each bar is one step of
+    one rank (from posting its send and receive to both finishing), coloured by the chunk
+    it sent and labelled with the receiver.
+    """
+    import plotly.graph_objects as go
+    t0 = min(e["start"] for e in trace)
+    fig = go.Figure()
+    for chunk in sorted({e["chunk"] for e in trace}):
+        evs = [e for e in trace if e["chunk"] == chunk]
+        fig.add_bar(
+            y=[f"rank {e['rank']}" for e in evs], x=[1e3 * (e["end"] - e["start"]) for e in evs],
+            base=[1e3 * (e["start"] - t0) for e in evs], orientation="h", name=f"chunk {chunk}",
+            text=[f"{e['phase']}: chunk {e['chunk']} → rank {e['dst']}" if e["dst"] is not None
+                  else e["phase"] for e in evs],
+            hovertemplate="%{text}<br>%{base:.2f} ms + %{x:.2f} ms<extra></extra>")
+    fig.update_layout(barmode="overlay", title="one ring all-reduce, step by step",
+                      xaxis_title="time since the first send (ms)", template="plotly_white",
+                      yaxis=dict(autorange="reversed"), height=80 + 50 * len({e["rank"] for e in trace}))
+    return fig

@@ -1,0 +1,119 @@
+"""A simulated network on one machine: injected latency, bandwidth and a slow link.
+
+On a laptop or on Binder every rank talks to every other through the loopback interface,
+so a message of n bytes costs microseconds and all algorithms look alike. A
+:class:`Network` *injects* the delays of a real cluster: before each message leaves a rank,
+the sender sleeps ``latency + n / bandwidth`` seconds (longer still on a link that touches
+the slow rank). The real message is then sent as usual, so results stay exact; only the
+clock sees a slower network. Everything measured with a Network is labelled **injected**.
+
+The model is the alpha-beta model with one port per rank (Thakur, Rabenseifner and Gropp
+2005): alpha = ``latency``, beta = ``1 / bandwidth``; a rank sends one message at a time and
+receives one message at a time. Senders serialise their own messages by sleeping one after
+the other; a receiver that takes several messages at once (the root of a gather) calls
+:meth:`Network.inject_incoming` to pay for its single incoming link.
+
+Use it in any lab (it knows nothing about collectives):
+
+    net = Network(latency=100e-6, bandwidth=1.25e9, slow_rank=3, slow_factor=4)
+    net.inject(nbytes, src=rank, dst=peer)          # before a point-to-point send
+    net.sleep(net.all_reduce_delay(nbytes, world_size))   # around a built-in all-reduce
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from distlab.checks import is_int, is_number, require
+
+
+@dataclass(frozen=True)
+class Network:
+    """An injected network: every message pays ``latency + nbytes / bandwidth`` seconds."""
+    latency: float = 0.0
+    """Injected seconds per message (alpha), 0 to 1. Ethernet in a rack: 10e-6 to 100e-6."""
+    bandwidth: float = math.inf
+    """Injected bytes per second per link (1 / beta), > 0; ``inf`` injects no transfer time.
+    10 Gbit/s Ethernet is 1.25e9."""
+    slow_rank: int | None = None
+    """A rank whose link is slow (a straggler), or None."""
+    slow_factor: float = 1.0
+    """How many times slower every message to or from ``slow_rank`` is, 1 to 1000."""
+
+    def __post_init__(self):
+        require(self, "latency", is_number(self.latency) and 0 <= self.latency <= 1,
+                "0 to 1 seconds")
+        require(self, "bandwidth", self.bandwidth == math.inf
+                or (is_number(self.bandwidth) and self.bandwidth > 0),
+                "> 0 bytes per second (math.inf for none)")
+        require(self, "slow_rank",
+                self.slow_rank is None or (is_int(self.slow_rank) and self.slow_rank >= 0),
+                "None or a rank >= 0")
+        require(self, "slow_factor", is_number(self.slow_factor) and 1 <= self.slow_factor <= 1000,
+                "1 to 1000")
+
+    @property
+    def alpha(self) -> float:
+        """Seconds per message: the latency."""
+        return self.latency
+
+    @property
+    def beta(self) -> float:
+        """Seconds per byte: one over the bandwidth."""
+        return 1.0 / self.bandwidth
+
+    def delay(self, nbytes: int, src: int, dst: int) -> float:
+        """Injected seconds for one message of ``nbytes`` from rank ``src`` to rank ``dst``."""
+        seconds = self.latency + nbytes / self.bandwidth
+        if self.slow_rank is not None and self.slow_rank in (src, dst):
+            seconds *= self.slow_factor
+        return seconds
+
+    def inject(self, nbytes: int, src: int, dst: int) -> float:
+        """Sleep for the delay of one message (call it before sending); return the seconds."""
+        return self.sleep(self.delay(nbytes, src, dst))
+
+    def inject_incoming(self, nbytes: list[int], srcs: list[int], dst: int) -> float:
+        """Sleep for a receiver's single link taking several messages at once.
+
+        The senders have already slept their own delays, in parallel; one incoming link
+        takes the messages one after another, so the receiver pays the rest: the sum of the
+        delays minus the longest. Returns the seconds slept.
+        """
+        delays = [self.delay(n, s, dst) for n, s in zip(nbytes, srcs)]
+        return self.sleep(sum(delays) - max(delays, default=0.0))
+
+    def all_reduce_delay(self, nbytes: int, world_size: int, algorithm: str = "ring") -> float:
+        """Injected seconds for one all-reduce of ``nbytes`` on ``world_size`` ranks.
+
+        The alpha-beta cost of ``algorithm`` (see :mod:`distlab.communication.cost_model`) with this
+        network's alpha and beta, times ``slow_factor`` when the slow rank takes part (a
+        ring or a tree waits for its slowest link). For labs that use the built-in
+        all-reduce and want it to feel like a cluster's.
+        """
+        from distlab.communication.cost_model import predict
+        seconds = predict(algorithm, nbytes, world_size, self.alpha, self.beta)
+        if self.slow_rank is not None and self.slow_rank < world_size:
+            seconds *= self.slow_factor
+        return seconds
+
+    @property
+    def injects(self) -> bool:
+        """False for a Network that adds nothing (zero latency, infinite bandwidth)."""
+        return self.latency > 0 or math.isfinite(self.bandwidth)
+
+    @staticmethod
+    def sleep(seconds: float) -> float:
+        """Sleep ``seconds`` (nothing for zero or less); return them."""
+        if seconds > 0:
+            time.sleep(seconds)
+        return max(seconds, 0.0)
+
+    def describe(self) -> str:
+        """One line for plot titles, labelled "injected"."""
+        bw = "∞" if math.isinf(self.bandwidth) else f"{8 * self.bandwidth / 1e9:g} Gbit/s"
+        text = f"injected: latency {1e6 * self.latency:g} µs, bandwidth {bw}"
+        if self.slow_rank is not None and self.slow_factor != 1:
+            text += f", rank {self.slow_rank}'s link {self.slow_factor:g}× slower"
+        return text

@@ -1,0 +1,191 @@
+"""What a crash does to sync, async and elastic training: the runs and figures of lab 07.
+
+* :func:`start_demo` - one run with one injected fault, for the lab's panel: synchronous
+  training (plain, or elastic with checkpoints), ZeRO, or the parameter server.
+* :func:`timeline_figure` - loss against wall time with the failure, its detection, the
+  restart and the resume marked.
+* :func:`lost_work_sweep` and :func:`lost_work_figure` - the checkpoint-interval trade-off,
+  measured, beside Young's formula.
+
+Young's formula (Young 1974, "A first order approximation to the optimum checkpoint
+interval", CACM 17(9)): with a checkpoint costing ``C`` seconds and a mean time between
+failures ``M``, the interval that minimizes the expected wasted time is
+
+    tau* = sqrt(2 C M)
+
+because over a job of length ``T`` we pay ``(T / tau) C`` for checkpoints and, per failure
+(``T / M`` of them), redo on average ``tau / 2`` of work: ``W(tau) = T C / tau + T tau / (2M)``,
+whose minimum is at ``tau*``. Daly (2006) adds the restart time; it does not move ``tau*``
+to first order.
+"""
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from distlab.fault_tolerance.elastic import ElasticConfig, TrainConfig, resumable_worker, run_elastic, start_elastic
+from distlab.fault_tolerance.faults import Fault
+from distlab.launcher import start
+from distlab.data_parallel.sync_sgd import load_dataset
+
+ALGORITHMS = ("sync", "sync + elastic", "zero + elastic", "parameter server")
+EVENT_STYLE = {"failure": ("#d62728", "dash"), "detection": ("#ff7f0e", "dot"),
+               "restart": ("#9467bd", "dot"), "resume": ("#2ca02c", "dash")}
+
+
+def parameter_server_config(fault: Fault, num_workers: int = 3, **kwargs):
+    """The :class:`~distlab.asynchronous.parameter_server.ParameterServerConfig` that suffers ``fault``.
+
+    Rank 0 is the server, rank ``r`` is worker ``r - 1``. A distlab launch ends the whole
+    run when any process dies (right for synchronous training), so here the worker
+    *vanishes*: it stops talking without a word, exactly what its peers see of a SIGKILLed
+    machine, and the server detects it by its silence (a heartbeat timeout).
+    """
+    from distlab.asynchronous.parameter_server import ParameterServerConfig
+    if fault.kind == "delay":
+        raise ValueError("a delay on the parameter server is a straggler: use "
+                         "ParameterServerConfig(slowdown=...) instead")
+    if not 1 <= fault.rank <= num_workers:
+        raise ValueError(f"fault.rank={fault.rank} must be a worker rank, 1..{num_workers} "
+                         "(rank 0 is the server)")
+    return ParameterServerConfig(num_workers=num_workers, drop_worker=fault.rank - 1,
+                                 drop_at=max(1, fault.step), **kwargs)
+
+
+def start_demo(algorithm: str = "sync + elastic", fault_kind: str = "kill", fail_rank: int = 1,
+               fail_step: int = 25, checkpoint_every: int = 10, world_size: int = 3,
+               num_steps: int = 60, step_time: float = 0.02, checkpoint_dir: str | None = None,
+               on_metrics=None, on_output=None):
+    """Start one run of ``algorithm`` in which ``fault_kind`` hits ``fail_rank`` at ``fail_step``.
+
+    Returns at once a :class:`distlab.Run` (``"sync"``, ``"parameter server"``) or a
+    :class:`~distlab.fault_tolerance.elastic.ElasticRun`; both work in a :class:`~distlab.ui.panel.RunPanel`.
+    Plain ``"sync"`` has no recovery: its run ends with a :class:`~distlab.WorkerError`.
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm={algorithm!r} is not allowed; use one of {ALGORITHMS}")
+    if not 0 <= fail_rank < world_size:
+        raise ValueError(f"fail_rank={fail_rank} must be in 0..{world_size - 1}")
+    fault = Fault(fault_kind, rank=fail_rank, step=fail_step, seconds=2.0)
+    if algorithm == "parameter server":
+        from distlab.asynchronous import parameter_server
+        config = parameter_server_config(fault, num_workers=world_size - 1, num_steps=num_steps,
+                                         step_time=step_time, worker_timeout=1.0)
+        return parameter_server.start(config, timeout=60, on_metrics=on_metrics,
+                                      on_output=on_output)
+    config = TrainConfig(checkpoint_dir or tempfile.mkdtemp(prefix="distlab-ckpt-"),
+                         algorithm="zero" if algorithm.startswith("zero") else "sync",
+                         num_steps=num_steps, checkpoint_every=checkpoint_every, fault=fault,
+                         step_time=step_time)
+    if algorithm == "sync":
+        return start(resumable_worker, world_size, config, dataset=load_dataset(config.task),
+                     timeout=10, on_metrics=on_metrics, on_output=on_output)
+    return start_elastic(config, ElasticConfig(world_size=world_size, timeout=10),
+                         on_metrics=on_metrics, on_output=on_output, name=algorithm)
+
+
+def timeline_figure(run, title: str = "loss against wall time, through a failure") -> go.Figure:
+    """Loss (rank 0 of each attempt) against wall time, with the recovery's events marked."""
+    df = run.metrics()
+    fig = go.Figure(layout=dict(title=title, xaxis_title="wall time (s)",
+                                yaxis_title="training loss", template="plotly_white",
+                                height=380))
+    loss = df.dropna(subset=["loss"]) if "loss" in df else df.iloc[:0]
+    attempts = loss.attempt if "attempt" in loss else pd.Series(0, index=loss.index)
+    for attempt, part in loss.groupby(attempts):
+        part = part[part["rank"] == part["rank"].min()].sort_values("time")
+        ws = int(part.world_size.iloc[0]) if "world_size" in part else run.world_size
+        fig.add_scatter(x=part.time, y=part.loss, mode="lines+markers", marker_size=3,
+                        name=f"attempt {int(attempt)} ({ws} ranks)")
+    if hasattr(run, "timeline"):
+        ev = run.timeline()
+        for name, (color, dash) in EVENT_STYLE.items():
+            first = ev[ev.event == name].head(1)
+            for _, e in first.iterrows():
+                step = "" if pd.isna(e.get("step")) else f" (step {int(e['step'])})"
+                fig.add_vline(x=e.time, line_color=color, line_dash=dash,
+                              annotation_text=name + step, annotation_textangle=-90,
+                              annotation_position="top left")
+        ckpt = ev[ev.event == "checkpoint"].drop_duplicates(["attempt", "step"])
+        if len(ckpt) and len(loss):
+            fig.add_scatter(x=ckpt.time, y=[loss.loss.max()] * len(ckpt), mode="markers",
+                            marker=dict(symbol="triangle-down", size=9, color="#7f7f7f"),
+                            name="checkpoint")
+    return fig
+
+
+def young_interval(checkpoint_cost: float, mtbf: float) -> float:
+    """Young's optimal checkpoint interval, ``sqrt(2 C M)``, in the units of its arguments."""
+    if checkpoint_cost < 0 or mtbf <= 0:
+        raise ValueError(f"need checkpoint_cost >= 0 and mtbf > 0, got {checkpoint_cost}, {mtbf}")
+    return math.sqrt(2 * checkpoint_cost * mtbf)
+
+
+def lost_work_sweep(intervals=(2, 5, 10, 20), num_steps: int = 40, world_size: int = 2,
+                    step_time: float = 0.02, seed: int = 0) -> pd.DataFrame:
+    """Measure the price of each checkpoint interval on real elastic runs, one failure each.
+
+    Each run is killed once (rank 1, at a step drawn uniformly from the middle half of the
+    run, seeded), restarts on the survivors and finishes. Per run: the time spent writing
+    checkpoints, the steps redone and their time (lost work), and the downtime.
+    """
+    draw = random.Random(seed)
+    rows = []
+    for interval in intervals:
+        fail = draw.randrange(num_steps // 4, 3 * num_steps // 4)
+        config = TrainConfig(tempfile.mkdtemp(prefix="distlab-ckpt-"), num_steps=num_steps,
+                             checkpoint_every=interval, step_time=step_time,
+                             fault=Fault("kill", rank=1, step=fail))
+        run = run_elastic(config, ElasticConfig(world_size=world_size, timeout=30))
+        s = run.summary()
+        df = run.metrics().dropna(subset=["loss"])
+        first = df[(df.attempt == 0) & (df["rank"] == 0)].sort_values("step")
+        measured_step = float(first.time.diff().median())
+        rows.append({"interval": interval, "failure_step": s["failure_step"],
+                     "lost_steps": s["lost_steps"], "step_time": measured_step,
+                     "lost_time": s["lost_steps"] * measured_step,
+                     "checkpoints": num_steps // interval,
+                     "checkpoint_time": s["checkpoint_time"],
+                     "checkpoint_cost": s["checkpoint_time"] / max(1, num_steps // interval),
+                     "downtime": s["downtime"]})
+    df = pd.DataFrame(rows)
+    df["wasted_time"] = df.checkpoint_time + df.lost_time
+    return df
+
+
+def lost_work_figure(sweep: pd.DataFrame, num_steps: int) -> go.Figure:
+    """Measured waste per interval (checkpointing + redone steps) beside Young's model.
+
+    The model uses the measured checkpoint cost ``C`` and step time ``t``, and one failure
+    per job (``M = num_steps * t``): ``W(tau) = (N / tau) C + (tau / 2) t`` for an interval of
+    ``tau`` steps, least at Young's ``tau* = sqrt(2 C M) / t`` steps.
+    """
+    C, t = float(sweep.checkpoint_cost.mean()), float(sweep.step_time.mean())
+    best = young_interval(C, num_steps * t) / t
+    taus = [1 + i * (sweep.interval.max() * 1.2 - 1) / 99 for i in range(100)]
+    fig = go.Figure(layout=dict(
+        title=f"lost work against checkpoint interval (C = {C * 1e3:.1f} ms, "
+              f"step = {t * 1e3:.1f} ms, one failure per {num_steps} steps)",
+        xaxis_title="checkpoint interval (steps)", yaxis_title="wasted time (s)",
+        barmode="stack", template="plotly_white", height=380))
+    fig.add_bar(x=sweep.interval, y=sweep.checkpoint_time, name="measured: writing checkpoints")
+    fig.add_bar(x=sweep.interval, y=sweep.lost_time, name="measured: steps redone")
+    fig.add_scatter(x=taus, y=[num_steps / u * C + u / 2 * t for u in taus], mode="lines",
+                    name="model: (N/τ)·C + (τ/2)·t")
+    fig.add_vline(x=best, line_dash="dash", line_color="#2ca02c",
+                  annotation_text=f"Young: τ* = √(2·C·MTBF) = {best:.1f} steps")
+    return fig
+
+
+def expected_waste(interval: float, num_steps: int, checkpoint_cost: float,
+                   step_time: float) -> float:
+    """Young's model of the wasted seconds for one failure per job: ``(N/τ)·C + (τ/2)·t``."""
+    return num_steps / interval * checkpoint_cost + interval / 2 * step_time
+
+
+__all__ = ["ALGORITHMS", "start_demo", "timeline_figure", "young_interval", "lost_work_sweep",
+           "lost_work_figure", "expected_waste", "parameter_server_config"]

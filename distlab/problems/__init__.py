@@ -1,0 +1,1 @@
+"""What is trained: datasets, models, the tiny transformer and its text, workloads."""

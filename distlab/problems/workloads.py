@@ -1,0 +1,126 @@
+"""The two small real models that lab 05 trains through every kind of parallelism.
+
+* ``"mlp"``: the ReLU MLP classifier of the data-parallel lab (:func:`distlab.problems.models.mlp`)
+  on scikit-learn's digits (:func:`distlab.problems.data.digits`);
+* ``"transformer"``: :class:`distlab.problems.transformer.TinyTransformer` learning the next
+  character of the text that ships with distlab.
+
+A :class:`Workload` fixes the model, the batches and the optimizer, seeded, so every rank
+builds the same model and draws the same batches without communicating, and
+:func:`train_reference` gives the single-process loss curve that tensor-, pipeline- and
+data-parallel training must reproduce.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distlab.checks import is_int, is_number, require
+
+MODELS = ("mlp", "transformer")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What to train, on what, for how long."""
+    model: str = "mlp"
+    """``"mlp"`` (digits) or ``"transformer"`` (characters of the shipped text)."""
+    hidden: int = 64
+    """MLP hidden width, or the transformer's d_model."""
+    depth: int = 2
+    """MLP hidden layers, or transformer blocks."""
+    num_heads: int = 4
+    """Attention heads (transformer only)."""
+    block_size: int = 32
+    """Characters of context (transformer only)."""
+    batch_size: int = 64
+    """Examples (or text windows) per optimizer step, over all ranks."""
+    lr: float = 0.1
+    """SGD learning rate."""
+    num_steps: int = 20
+    """Optimizer steps."""
+    seed: int = 0
+    """Seeds the model's initial weights and the batches."""
+    dataset: object = field(default=None, repr=False, compare=False)
+    """The loaded data, set by :meth:`loaded` (None: each process loads its own)."""
+
+    def __post_init__(self):
+        require(self, "model", self.model in MODELS, f"one of {MODELS}")
+        for name in ("hidden", "depth", "batch_size", "num_steps", "block_size"):
+            v = getattr(self, name)
+            require(self, name, is_int(v) and v >= 1, "an int >= 1")
+        if self.model == "transformer":
+            require(self, "num_heads", is_int(self.num_heads) and self.num_heads >= 1
+                    and self.hidden % self.num_heads == 0,
+                    f"an int >= 1 dividing hidden={self.hidden} (each head gets "
+                    "hidden/num_heads dims)")
+        require(self, "lr", is_number(self.lr) and self.lr > 0, "a number > 0")
+
+    def build_model(self) -> nn.Sequential:
+        """The full, unsplit model (the same weights on every rank, from ``seed``)."""
+        if self.model == "mlp":
+            from distlab.problems.models import mlp
+            return mlp(64, self.hidden, 10, self.depth, seed=self.seed)
+        from distlab.problems.transformer import CharTokenizer, TinyTransformer, load_text
+        return TinyTransformer(CharTokenizer(load_text()).vocab_size, self.hidden,
+                               self.num_heads, self.depth, self.block_size, seed=self.seed)
+
+    def loaded(self) -> "Workload":
+        """This workload with its data loaded, to send to the workers.
+
+        Loading the digits imports scikit-learn, which takes seconds; done once by the
+        caller, it is not repeated in every worker process.
+        """
+        if self.dataset is not None:
+            return self
+        if self.model == "mlp":
+            from distlab.problems.data import digits
+            return replace(self, dataset=digits(seed=self.seed))
+        from distlab.problems.transformer import CharTokenizer, load_text
+        text = load_text()
+        return replace(self, dataset=CharTokenizer(text).encode(text))
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The global batch ``(X, y)`` of every step, in order."""
+        data = self.loaded().dataset
+        if self.model == "mlp":
+            g = torch.Generator().manual_seed(self.seed + 1)
+            for _ in range(self.num_steps):
+                idx = torch.randint(len(data.y), (self.batch_size,), generator=g)
+                yield data.X[idx], data.y[idx]
+        else:
+            from distlab.problems.transformer import get_batch
+            for step in range(self.num_steps):
+                yield get_batch(data, self.batch_size, self.block_size, self.seed + 1 + step)
+
+    def loss(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy (over examples, or over characters)."""
+        return F.cross_entropy(output.reshape(-1, output.shape[-1]), y.reshape(-1))
+
+    def sgd_step(self, params) -> None:
+        """One plain SGD step, ``p -= lr * p.grad``, then the gradients are cleared.
+
+        Written out rather than ``torch.optim.SGD``: the optimizers import torch's compiler
+        on first use, seconds per worker process, longer than these runs themselves.
+        """
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-self.lr)
+                    p.grad = None
+
+
+def train_reference(workload: Workload) -> list[float]:
+    """Single-process training: the loss of every step, the curve to reproduce."""
+    model = workload.build_model()
+    losses = []
+    for X, y in workload.batches():
+        loss = workload.loss(model(X), y)
+        loss.backward()
+        workload.sgd_step(model.parameters())
+        losses.append(loss.item())
+    return losses

@@ -1,0 +1,95 @@
+"""Memory per rank: measured on the tensors each rank holds, beside ZeRO's formulas.
+
+ZeRO (Rajbhandari et al. 2020, section 3.1 and Figure 1) counts the "model states" of mixed
+precision Adam training with Ψ parameters: fp16 parameters 2Ψ, fp16 gradients 2Ψ, and K = 12
+bytes of optimizer state per parameter (fp32 master weights, momentum and variance), so
+(2 + 2 + K)Ψ bytes per rank in data parallelism. Each stage divides part of it by N ranks:
+
+    stage 0   (2 + 2 + K)Ψ          stage 2   2Ψ + (2 + K)Ψ/N
+    stage 1   (2 + 2)Ψ + KΨ/N       stage 3   (2 + 2 + K)Ψ/N
+
+distlab trains in fp32, where the parameters are their own master weights: 4Ψ of
+parameters, 4Ψ of gradients and K = 8 (Adam, AdamW: m and v) or K = 4 (SGD with momentum).
+:func:`predicted_bytes` gives these; :func:`measure` adds up the bytes of the storages a
+rank really holds (each storage once, so views and tied weights are not counted twice).
+Activations and the transient buffers of one collective are not model states and are left
+out, as in the paper.
+"""
+from __future__ import annotations
+
+import torch
+
+CATEGORIES = ("params", "grads", "optimizer_state")
+STATE_BYTES_PER_PARAM = {"sgd": 4, "adam": 8, "adamw": 8}
+"""K in fp32: SGD with momentum keeps one buffer, Adam and AdamW two."""
+
+
+def predicted_bytes(num_params: int, stage: int, world_size: int, optimizer: str = "adam",
+                    param_bytes: int = 4) -> dict[str, float]:
+    """ZeRO's model-state bytes per rank, fp32 training (Rajbhandari et al. 2020, Figure 1).
+
+    Args:
+        num_params: Ψ, the number of trainable parameters.
+        stage: 0 (plain data parallel) to 3.
+        world_size: N.
+        optimizer: "sgd" (with momentum), "adam" or "adamw".
+        param_bytes: bytes per parameter and per gradient value (4 for fp32).
+    """
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"stage={stage!r} is out of range; allowed 0, 1, 2, 3")
+    if optimizer not in STATE_BYTES_PER_PARAM:
+        raise ValueError(f"optimizer={optimizer!r} is unknown; allowed "
+                         f"{sorted(STATE_BYTES_PER_PARAM)}")
+    psi, n, k = num_params, world_size, STATE_BYTES_PER_PARAM[optimizer]
+    return {"params": param_bytes * psi / (n if stage >= 3 else 1),
+            "grads": param_bytes * psi / (n if stage >= 2 else 1),
+            "optimizer_state": k * psi / (n if stage >= 1 else 1)}
+
+
+def paper_bytes(num_params: int, stage: int, world_size: int, k: int = 12) -> float:
+    """The paper's own mixed-precision formula, total bytes per rank (Figure 1)."""
+    psi, n = num_params, world_size
+    return [(2 + 2 + k) * psi, (2 + 2) * psi + k * psi / n, 2 * psi + (2 + k) * psi / n,
+            (2 + 2 + k) * psi / n][stage]
+
+
+def _local_optimizer(optimizer):
+    # ShardedOptimizer steps .optim, NaiveDistributedOptimizer wraps .optimizer.
+    for name in ("optim", "optimizer"):
+        inner = getattr(optimizer, name, None)
+        if isinstance(inner, torch.optim.Optimizer):
+            return inner
+    return optimizer
+
+
+def measure(model: torch.nn.Module, optimizer) -> dict[str, int]:
+    """Bytes of parameters, gradients and optimizer state this rank holds now.
+
+    Every storage is counted once, in the first category that reaches it: a sharded
+    optimizer's parameters are views of the model's, so they count as parameters.
+
+    Args:
+        model: the model as this rank holds it (an FSDP wrapper holds shards).
+        optimizer: a torch optimizer, :class:`~distlab.sharding.zero.ShardedOptimizer` or
+            :class:`~distlab.sharding.zero.NaiveDistributedOptimizer`.
+    """
+    local = _local_optimizer(optimizer)
+    local_params = [p for g in local.param_groups for p in g["params"]]
+    params = list(model.parameters())
+    tensors = {
+        "params": params + local_params,
+        "grads": [p.grad for p in params + local_params if p.grad is not None],
+        "optimizer_state": [v for st in local.state.values() for v in st.values()
+                            if torch.is_tensor(v)],
+    }
+    seen, out = set(), {}
+    for category in CATEGORIES:
+        total = 0
+        for t in tensors[category]:
+            storage = t.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+        out[category] = total
+    return out

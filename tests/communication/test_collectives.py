@@ -1,0 +1,180 @@
+"""distlab.communication.collectives: every algorithm equals torch.distributed's, on real gloo processes.
+
+One launch per world size runs every algorithm on several lengths (shorter than the world,
+uneven, long) and dtypes; the parent compares with a single-process reference.
+"""
+import pytest
+import torch
+import torch.distributed as dist
+
+import distlab
+from distlab.communication import collectives as C
+from distlab import comm
+from distlab.exercises import collectives as exercise
+
+pytestmark = pytest.mark.timeout(240)
+
+LENGTHS = (1, 3, 7, 1000)
+DTYPES = (torch.float32, torch.float64, torch.int64)
+
+
+def value(rank, n, dtype):
+    # Different on every rank and element; integers so int64 sums are exact too.
+    return ((torch.arange(n) % 13 + 1) * (rank + 1) + 7 * rank).to(dtype).reshape(-1)
+
+
+def run_everything():
+    rank, p = dist.get_rank(), dist.get_world_size()
+    out = {}
+    for dtype in DTYPES:
+        for n in LENGTHS:
+            x = value(rank, n, dtype)
+            want = x.clone()
+            comm.all_reduce(want)                        # gloo's built-in, the reference here
+            for name in ("ring", "recursive_doubling", "naive"):
+                y = x.clone()
+                comm.ledger().reset()
+                returned = C.ALL_REDUCES[name](y)
+                assert returned is y
+                sent = comm.ledger().by_op()["send"]["bytes_sent"] if p > 1 else 0
+                out[name, dtype, n] = (y, want, sent)
+            y = x.clone()
+            chunk = C.ring_reduce_scatter(y).clone()
+            parts = [torch.empty_like(x) for _ in range(p)]
+            dist.all_gather(parts, x)
+            g = torch.zeros_like(x)
+            g.tensor_split(p)[rank].copy_(x.tensor_split(p)[rank])
+            C.ring_all_gather(g)
+            out["reduce_scatter", dtype, n] = (chunk, want.tensor_split(p)[rank], 0)
+            gathered = torch.cat([parts[r].tensor_split(p)[r] for r in range(p)])
+            out["all_gather", dtype, n] = (g, gathered, 0)
+    x2 = value(rank, 12, torch.float32).reshape(3, 4)      # 2-D tensors work on their view
+    C.ring_all_reduce(x2)
+    trace = []
+    C.ring_all_reduce(value(rank, 10, torch.float32), trace=trace)
+    return out, x2, trace
+
+
+@pytest.mark.parametrize("p", [2, 3, 4])
+def test_every_algorithm_equals_torch_all_reduce(p):
+    results = distlab.launch(run_everything, p, timeout=120)
+    for rank, (out, x2, trace) in enumerate(results):
+        for (name, dtype, n), (got, want, sent) in out.items():
+            reference = sum(value(r, n, dtype) for r in range(p))   # one process, no dist
+            msg = f"{name} {dtype} n={n} rank {rank} of {p}"
+            if name == "reduce_scatter":
+                reference = reference.tensor_split(p)[rank]
+            if name == "all_gather":
+                reference = torch.cat([value(r, n, dtype).tensor_split(p)[r] for r in range(p)])
+            torch.testing.assert_close(got, reference, msg=msg)
+            torch.testing.assert_close(got, want, msg=msg)
+            if name == "ring":
+                sizes = [c.numel() for c in torch.empty(n).tensor_split(p)]
+                item = torch.empty((), dtype=dtype).element_size()
+                assert sent == item * (2 * n - sizes[rank] - sizes[(rank + 1) % p]), msg
+                if n % p == 0:
+                    assert sent == 2 * (p - 1) * n * item // p, msg
+            if name == "naive":
+                assert sent == (p - 1 if rank == 0 else 1) * n * got.element_size(), msg
+        torch.testing.assert_close(x2, sum(value(r, 12, torch.float32) for r in range(p))
+                                   .reshape(3, 4))
+        assert len(trace) == 2 * (p - 1)                    # one event per step
+        assert [e["phase"] for e in trace] == ["reduce-scatter"] * (p - 1) + ["all-gather"] * (p - 1)
+        assert all(e["rank"] == rank and e["dst"] == (rank + 1) % p for e in trace)
+        assert trace[0]["chunk"] == (rank - 1) % p and trace[p - 1]["chunk"] == rank
+    if p == 4:
+        events = [e for _, _, trace in results for e in trace]
+        assert C.figure_timeline(events).data
+
+
+def bad_inputs():
+    rank = dist.get_rank()
+    errors = {}
+
+    def attempt(name, fn):
+        try:
+            fn()
+            errors[name] = None
+        except (ValueError, TypeError) as e:
+            errors[name] = f"{type(e).__name__}: {e}"
+
+    for algo in ("ring", "recursive_doubling", "naive"):
+        f = C.ALL_REDUCES[algo]
+        attempt(f"{algo} shape", lambda: f(torch.ones(4 + (rank == 1))))
+        attempt(f"{algo} dtype", lambda: f(torch.ones(4, dtype=torch.float64 if rank == 2
+                                                      else torch.float32)))
+        attempt(f"{algo} noncontiguous", lambda: f(torch.ones(4, 4).t()))
+        attempt(f"{algo} not a tensor", lambda: f([1.0, 2.0]))
+    attempt("reduce_scatter shape", lambda: C.ring_reduce_scatter(torch.ones(2, 2 + rank)))
+    empty = torch.ones(0)
+    attempt("empty", lambda: C.ring_all_reduce(empty))
+    # A group of ranks 0 and 1: rank 2 is not in it and must be told so, not hang.
+    pair = dist.new_group([0, 1])
+    x = torch.full((5,), float(rank + 1))
+    attempt("not in group", lambda: C.ring_all_reduce(x, group=pair))
+    y = torch.full((5,), float(rank + 1))
+    attempt("not in group rd", lambda: C.recursive_doubling_all_reduce(y, group=pair))
+    # A group whose ranks are not 0..k-1: peers are addressed by their global rank.
+    upper = dist.new_group([1, 2])
+    z = {}
+    if rank in (1, 2):
+        for algo in ("ring", "recursive_doubling", "naive"):
+            z[algo] = C.ALL_REDUCES[algo](torch.full((3,), float(rank)), group=upper)
+    return errors, x, y, z
+
+
+def test_bad_input_is_a_clear_error_on_every_rank_never_a_hang():
+    results = distlab.launch(bad_inputs, 3, timeout=60)
+    for rank, (errors, x, y, z) in enumerate(results):
+        for algo, got in z.items():
+            torch.testing.assert_close(got, torch.full((3,), 3.0), msg=algo)
+        assert len(z) == (0 if rank == 0 else 3)
+        for algo in ("ring", "recursive_doubling", "naive"):
+            assert "same shape and dtype" in errors[f"{algo} shape"], errors
+            assert "rank 1: (5,) torch.float32" in errors[f"{algo} shape"], errors
+            assert "rank 2: (4,) torch.float64" in errors[f"{algo} dtype"], errors
+            assert "contiguous" in errors[f"{algo} noncontiguous"]
+            assert errors[f"{algo} not a tensor"].startswith("TypeError")
+        assert "rank 2: (2, 4)" in errors["reduce_scatter shape"]
+        assert errors["empty"] is None                  # an empty all-reduce is a no-op
+        if rank == 2:
+            assert "rank 2 is not in the group [0, 1]" in errors["not in group"]
+            assert "not in the group" in errors["not in group rd"]
+        else:                                           # the members sum among themselves
+            assert errors["not in group"] is None and errors["not in group rd"] is None
+            torch.testing.assert_close(x, torch.full((5,), 3.0))
+            torch.testing.assert_close(y, torch.full((5,), 3.0))
+
+
+def test_exercise_checker_accepts_the_solution_and_locates_mistakes():
+    assert exercise.check_ring_all_reduce(exercise.ring_all_reduce).ok
+
+    def reduce_scatter_only(tensor, group=None):
+        rank, p = dist.get_rank(group), dist.get_world_size(group)
+        chunks = tensor.view(-1).tensor_split(p)
+        for step in range(p - 1):
+            send, recv = chunks[(rank - step) % p], chunks[(rank - step - 1) % p]
+            incoming = torch.empty_like(recv)
+            for req in [comm.isend(send, (rank + 1) % p), comm.irecv(incoming, (rank - 1) % p)]:
+                req.wait()
+            recv += incoming
+        return tensor
+
+    verdict = exercise.check_ring_all_reduce(reduce_scatter_only)
+    assert not verdict.ok
+    assert verdict.message.startswith("rank 0, chunk 0") and "missing" in verdict.message
+    assert "chunk(s) [1] on this rank are right" in verdict.message
+
+    def built_in(tensor, group=None):
+        comm.all_reduce(tensor, group=group)
+
+    assert "all_reduce" in exercise.check_ring_all_reduce(built_in).message
+
+
+def test_diagnose_names_missing_and_doubled_ranks():
+    good = sum(exercise.contribution(r) for r in range(4))
+    assert exercise.diagnose(good, 0, 4) is None
+    doubled = good.clone()
+    doubled[6:9] += exercise.contribution(2)[6:9]
+    msg = exercise.diagnose(doubled, 3, 4)
+    assert msg.startswith("rank 3, chunk 2 (elements 6..8)") and "[2] added more than once" in msg

@@ -1,0 +1,96 @@
+"""distlab.communication.cost_model: the textbook formulas, the fit, and measurements on real processes."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from distlab.communication import cost_model as cm
+from distlab.communication.netsim import Network
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_textbook_terms():
+    n = 1000
+    assert cm.terms("ring", n, 4) == (6, 1500)
+    assert cm.terms("gloo", n, 4) == (6, 1500)
+    assert cm.terms("reduce_scatter", n, 4) == (3, 750)
+    assert cm.terms("all_gather", n, 4) == (3, 750)
+    assert cm.terms("recursive_doubling", n, 8) == (3, 3000)
+    assert cm.terms("recursive_doubling", n, 6) == (4, 4000)     # fold, 2 rounds, unfold
+    assert cm.terms("naive", n, 4) == (6, 6000)
+    assert cm.terms("ring", n, 1) == (0, 0)
+    assert cm.predict("ring", n, 4, alpha=1e-5, beta=1e-9) == pytest.approx(6e-5 + 1.5e-6)
+    with pytest.raises(ValueError, match="algorithm='tree' is unknown"):
+        cm.terms("tree", n, 4)
+
+
+def synthetic(alpha, beta, noise=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = [dict(algorithm=a, world_size=p, nbytes=n,
+                 time=cm.predict(a, n, p, alpha, beta) * (1 + noise * rng.standard_normal()))
+            for a in ("ring", "naive") for p in (2, 4, 8) for n in (4096, 65536, 1 << 20, 1 << 24)]
+    return pd.DataFrame(rows)
+
+
+def test_fit_recovers_alpha_and_beta():
+    fits = cm.fit(synthetic(50e-6, 1e-9))
+    for f in fits.values():
+        assert f.alpha == pytest.approx(50e-6, rel=1e-6) and f.beta == pytest.approx(1e-9, rel=1e-6)
+        assert f.median_error < 1e-9 and f.num_points == 12
+        assert f.bandwidth == pytest.approx(1e9)
+    noisy = cm.fit(synthetic(50e-6, 1e-9, noise=0.1))
+    assert all(0.02 < f.median_error < 0.2 for f in noisy.values())
+    assert "alpha = " in str(noisy["ring"]) and "median error" in str(noisy["ring"])
+    df = synthetic(50e-6, 1e-9)
+    assert cm.relative_errors(df, fits).max() < 1e-9
+
+
+def test_fit_keeps_parameters_non_negative():
+    df = synthetic(0.0, 1e-9)
+    df.loc[df.nbytes == 4096, "time"] *= 0.5          # would pull alpha below zero
+    f = cm.fit(df)["ring"]
+    assert f.alpha >= 0 and f.beta > 0
+
+
+def test_measure_on_real_processes_and_the_injected_floor():
+    net = Network(latency=2e-3)
+    df = cm.measure(world_sizes=(2, 3), sizes=(4096, 65536), algorithms=("ring", "naive"),
+                    repeats=1, network=net)
+    assert list(df.columns) == ["algorithm", "world_size", "nbytes", "time"]
+    assert len(df) == 2 * 2 * 2
+    for row in df.itertuples():
+        a, _ = cm.terms(row.algorithm, row.nbytes, row.world_size)
+        assert row.time >= 0.9 * a * net.latency, row      # each step paid the injected latency
+    fits = cm.fit(df)
+    assert set(fits) == {"ring", "naive"}
+    assert fits["ring"].alpha >= 0.5 * net.latency   # the machine adds its own on top
+    assert cm.figure_time_vs_size(df, fits).data
+
+
+def test_sweep_config_and_panel_start_validate_before_starting():
+    with pytest.raises(ValueError, match=r"SweepConfig.algorithm='tree' is unknown"):
+        cm.SweepConfig(algorithm="tree")
+    with pytest.raises(ValueError, match="SweepConfig.max_nbytes=100 is out of range"):
+        cm.SweepConfig(max_nbytes=100)
+    assert cm.SweepConfig(max_nbytes=1 << 20).sizes == [4096, 16384, 65536, 262144, 1 << 20]
+    with pytest.raises(ValueError, match="Network.bandwidth=0.0"):
+        cm.start_sweep(inject=True, bandwidth_gbit=0.0)
+    with pytest.raises(ValueError, match="repeats=0 is out of range"):
+        cm.measure(repeats=0)
+
+
+def test_sweep_reports_live_metrics():
+    run = cm.start_sweep(world_size=2, algorithm="naive", max_nbytes=16384, inject=True,
+                         latency_us=500, bandwidth_gbit=1.0)
+    run.result()
+    df = run.metrics()
+    assert sorted(df.nbytes.unique()) == [4096, 16384]
+    sent = df[df.nbytes == 16384].set_index("rank").bytes_sent_per_call
+    assert sent[0] == sent[1] == 16384
+    frame = cm.sweep_frame(df.assign(run="r"))
+    assert list(frame.columns) == ["run", "algorithm", "world_size", "nbytes", "time"]
+    # injected: 2 messages of latency 0.5 ms + 16 KiB at 1 Gbit/s each
+    assert frame.time.max() >= 0.9 * 2 * (500e-6 + 16384 * 8 / 1e9)
+    assert not math.isnan(frame.time.min())

@@ -1,0 +1,176 @@
+"""distlab.data_parallel.ddp: every variant against single-process SGD on the global batch.
+
+Each launch checks several things at once (2 cores are shared): for every variant, ranks
+that start from different random weights end identical after construction; three steps
+(one with ``no_sync`` gradient accumulation) match the single-process reference with a
+frozen parameter, a tied weight and a buffer; and gradients inside ``no_sync`` stay local.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import distlab
+from distlab.data_parallel import ddp as dp
+
+pytestmark = pytest.mark.timeout(120)
+
+CASES = [("naive", "sgd"), ("flat", "sgd"), ("overlap", "sgd"), ("bucketed", "sgd"),
+         ("bucketed", "adam")]
+BATCH = 4            # per rank, per micro-batch
+TINY_BUCKET = 1e-4   # MiB: about 100 bytes, so the model spans several buckets
+
+
+class Tied(nn.Module):
+    """A frozen layer, a weight shared by two layers, and a buffer."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = nn.Linear(6, 8)
+        self.frozen = nn.Linear(8, 8).requires_grad_(False)
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.b.weight = self.a.weight                      # tied: one tensor, used twice
+        self.head = nn.Linear(8, 1)
+        self.register_buffer("scale", torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x)) * self.scale
+        h = torch.tanh(self.b(torch.tanh(self.a(torch.tanh(self.frozen(h))))))
+        return self.head(h)
+
+
+def _data():
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(256, 6, generator=g), torch.randn(256, 1, generator=g)
+
+
+def _batch(rank: int, world_size: int, micro: int):
+    """Micro-batch ``micro`` of ``rank``: disjoint rows, BATCH of them."""
+    X, y = _data()
+    rows = torch.arange(BATCH) * world_size + rank + micro * BATCH * world_size
+    return X[rows], y[rows]
+
+
+def _global(world_size: int, micro: int):
+    parts = [_batch(r, world_size, micro) for r in range(world_size)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _optimizer(name, params):
+    return (torch.optim.SGD(params, lr=0.1, momentum=0.9) if name == "sgd"
+            else torch.optim.Adam(params, lr=0.01))
+
+
+# step 0: micro-batch 0; step 1: micro-batches 1 (in no_sync) and 2 accumulated; step 2: 3
+SCHEDULE = [[0], [1, 2], [3]]
+
+
+def _train_rank(variant, opt_name, rank, world_size, init_seed, group=None):
+    model = Tied(seed=init_seed)
+    ddp = dp.wrap(model, variant, group=group, bucket_size_mb=TINY_BUCKET)
+    after_init = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = _optimizer(opt_name, ddp.parameters())
+    ddp.events = []
+    local_grads = None
+    for micros in SCHEDULE:
+        opt.zero_grad()
+        for j, m in enumerate(micros):
+            X, y = _batch(rank, world_size, m)
+            last = j == len(micros) - 1
+            with (ddp.no_sync() if not last else _nothing()):
+                F.mse_loss(ddp(X), y).backward()
+            if not last:
+                ddp.finish_gradient_synchronization()   # a no-op inside no_sync
+                local_grads = {n: p.grad.clone() for n, p in model.named_parameters()
+                               if p.grad is not None}
+        ddp.finish_gradient_synchronization()
+        opt.step()
+    return {"init": after_init, "final": dict(model.state_dict()), "local": local_grads,
+            "events": len(ddp.events), "frozen_grad": model.frozen.weight.grad}
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _reference(opt_name, world_size, init_seed):
+    """Single process, whole global batch: what every rank must end with."""
+    model = Tied(seed=init_seed)
+    opt = _optimizer(opt_name, model.parameters())
+    local = None
+    for micros in SCHEDULE:
+        opt.zero_grad()
+        if len(micros) > 1:   # what each rank holds after its no_sync micro-batch
+            local = []
+            for r in range(world_size):
+                X, y = _batch(r, world_size, micros[0])
+                local.append(torch.autograd.grad(F.mse_loss(model(X), y),
+                                                 [p for p in model.parameters() if p.requires_grad]))
+        loss = sum(F.mse_loss(model(X), y) for X, y in (_global(world_size, m) for m in micros))
+        loss.backward()
+        opt.step()
+    return dict(model.state_dict()), local
+
+
+def _worker_all_variants(world_size):
+    import torch.distributed as dist
+    rank = dist.get_rank()
+    out = {case: _train_rank(*case, rank, world_size, init_seed=100 + rank) for case in CASES}
+    if world_size == 4:   # two independent groups of 2: the broadcast source is rank 0 *of the group*
+        groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        out["group"] = _train_rank("bucketed", "sgd", rank % 2, 2, 100 + rank,
+                                   group=groups[rank // 2])
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_every_variant_equals_single_process_sgd(world_size):
+    results = distlab.launch(_worker_all_variants, world_size, world_size, timeout=100)
+    start = Tied(seed=100).state_dict()
+    trainable = [n for n, p in Tied(0).named_parameters() if p.requires_grad]   # tied: once
+    for case in CASES:
+        expected, local = _reference(case[1], world_size, init_seed=100)
+        for rank, out in enumerate(results):
+            got = out[case]
+            where = f"{case} rank {rank}"
+            for k in start:   # construction broadcast rank 0's parameters and buffers
+                torch.testing.assert_close(got["init"][k], start[k], msg=f"{where} init {k}")
+            for k in expected:
+                torch.testing.assert_close(got["final"][k], expected[k], msg=f"{where} {k}")
+            assert got["frozen_grad"] is None, f"{where}: frozen parameter got a gradient"
+            for n, g in zip(trainable, local[rank]):   # no_sync left the gradient local
+                torch.testing.assert_close(got["local"][n], g, msg=f"{where} no_sync {n}")
+            assert got["events"] >= len(SCHEDULE), f"{where}: no communication recorded"
+    if world_size == 4:
+        for rank, out in enumerate(results):
+            expected, _ = _reference("sgd", 2, init_seed=100 + 2 * (rank // 2))
+            for k in expected:
+                torch.testing.assert_close(out["group"]["final"][k], expected[k],
+                                           msg=f"group of rank {rank}: {k}")
+
+
+def test_bad_arguments_are_refused_before_any_communication():
+    with pytest.raises(ValueError, match="variant='ring'"):
+        dp.wrap(nn.Linear(2, 1), "ring")
+    with pytest.raises(ValueError, match="bucket_size_mb=0"):
+        dp.BucketedDDP(nn.Linear(2, 1), bucket_size_mb=0)
+
+
+def test_exercise_checker_accepts_the_solution_and_names_the_mistake():
+    from distlab.exercises import data_parallel as ex
+    from distlab import comm
+
+    assert ex.check_average_gradients(ex.average_gradients).ok
+
+    def summed(model, group=None):
+        for p in model.parameters():
+            if p.grad is not None:
+                comm.all_reduce(p.grad, group=group)
+
+    verdict = ex.check_average_gradients(summed)
+    assert not verdict.ok and "divide by the world size" in verdict.message, verdict

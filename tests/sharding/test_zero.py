@@ -1,0 +1,238 @@
+"""ZeRO stages 0-2 against single-process torch.optim on the same data, on 2 and 4 ranks.
+
+One launch per world size runs every scenario and reports, per scenario, None or what went
+wrong; each test below then looks up its scenario.
+"""
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import distlab
+from distlab.sharding import zero
+
+pytestmark = pytest.mark.timeout(240)
+
+V, D = 11, 6
+OPTIMIZERS = {"adam": (torch.optim.Adam, dict(lr=0.02)),
+              "adamw": (torch.optim.AdamW, dict(lr=0.02, weight_decay=0.1)),
+              "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9))}
+
+
+class TiedNet(nn.Module):
+    """Embedding tied to the output layer, and a frozen layer in the middle."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.fc, self.frozen = nn.Embedding(V, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.frozen.requires_grad_(False)
+        self.head = nn.Linear(D, V, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.head(self.frozen(torch.tanh(self.fc(self.emb(idx)))))
+
+
+def groups(net, name):
+    lr = OPTIMIZERS[name][1]["lr"]
+    return [{"params": [net.emb.weight, net.fc.weight]},
+            {"params": [net.fc.bias, net.frozen.weight, net.frozen.bias], "lr": lr * 2.5}]
+
+
+def data(steps=4):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, V, (steps, 8, 5), generator=g), torch.randint(0, V, (steps, 8, 5),
+                                                                          generator=g)
+
+
+def loss_of(net, x, y):
+    return nn.functional.cross_entropy(net(x).reshape(-1, V), y.reshape(-1))
+
+
+def train(net, opt, steps, rank=None, world_size=1, average=False, start=0):
+    X, Y = data()
+    for s in range(start, start + steps):
+        x, y = (X[s], Y[s]) if rank is None else (X[s].chunk(world_size)[rank],
+                                                   Y[s].chunk(world_size)[rank])
+        opt.zero_grad()
+        loss_of(net, x, y).backward()
+        if average:
+            zero.average_gradients(list(net.parameters()))
+        opt.step()
+
+
+def reference(name, steps=4):
+    net = TiedNet()
+    cls, kw = OPTIMIZERS[name]
+    opt = cls(groups(net, name), **kw)
+    train(net, opt, steps)
+    return net, opt
+
+
+def same_params(a, b):
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, msg=lambda m: f"{n}: {m}")
+
+
+def scenarios():
+    """Every check, on every rank: {name: None or the error}."""
+    rank, N = dist.get_rank(), dist.get_world_size()
+    out = {}
+
+    def check(name, fn):
+        try:
+            fn()
+            out[name] = None
+        except Exception as e:   # report, so the other checks still run
+            out[name] = f"rank {rank}: {type(e).__name__}: {e}"
+
+    def sharded(mode, name):
+        net = TiedNet()
+        cls, kw = OPTIMIZERS[name]
+        opt = zero.ShardedOptimizer(groups(net, name), cls, gradients=mode, **kw)
+        train(net, opt, 4, rank, N, average=(mode == "averaged"))
+        ref, _ = reference(name)
+        same_params(net, ref)
+
+    for mode in zero.GRADIENT_MODES:
+        for name in OPTIMIZERS:
+            check(f"{mode}-{name}", lambda: sharded(mode, name))
+
+    def naive():
+        net = TiedNet()
+        opt = zero.NaiveDistributedOptimizer(groups(net, "adam"), torch.optim.Adam, lr=0.02)
+        train(net, opt, 4, rank, N)
+        same_params(net, reference("adam")[0])
+    check("naive-adam", naive)
+
+    def state_dict_round_trip():
+        net = TiedNet()
+        opt = zero.ShardedOptimizer(groups(net, "adamw"), torch.optim.AdamW,
+                                    gradients="sharded", lr=0.02, weight_decay=0.1)
+        train(net, opt, 2, rank, N)
+        to = N - 1
+        opt.consolidate_state_dict(to=to)
+        ref, ref_opt = reference("adamw", steps=2)
+        if rank != to:
+            with pytest.raises(RuntimeError, match="consolidate_state_dict"):
+                opt.state_dict()
+        else:
+            sd, want = opt.state_dict(), ref_opt.state_dict()
+            assert sd["param_groups"] == want["param_groups"]
+            assert sd["state"].keys() == want["state"].keys()
+            for i in want["state"]:
+                for k, v in want["state"][i].items():
+                    torch.testing.assert_close(sd["state"][i][k], v, msg=f"state {i} {k}")
+            plain = torch.optim.AdamW(groups(TiedNet(), "adamw"))   # world size 1 loads it
+            plain.load_state_dict(sd)
+        # Resume: the reference's state into a fresh sharded optimizer, here and on 2 ranks.
+        for members in ([*range(N)], [0, 1]):
+            sub = dist.new_group(members)
+            if rank not in members:
+                continue
+            net2 = TiedNet()
+            net2.load_state_dict(ref.state_dict())
+            opt2 = zero.ShardedOptimizer(groups(net2, "adamw"), torch.optim.AdamW, sub,
+                                         gradients="reduce_scatter", lr=0.02, weight_decay=0.1)
+            opt2.load_state_dict(ref_opt.state_dict())
+            X, Y = data()
+            for s in (2, 3):
+                r, n = members.index(rank), len(members)
+                opt2.zero_grad()
+                loss_of(net2, X[s].chunk(n)[r], Y[s].chunk(n)[r]).backward()
+                opt2.step()
+            same_params(net2, reference("adamw", steps=4)[0])
+    check("state-dict", state_dict_round_trip)
+
+    def accumulate_and_schedule():
+        # Stage 2 with two micro-batches per step, and an LR scheduler changing lr.
+        net, ref = TiedNet(), TiedNet()
+        opt = zero.ShardedOptimizer(net.parameters(), torch.optim.Adam, gradients="sharded",
+                                    lr=0.02)
+        ref_opt = torch.optim.Adam(ref.parameters(), lr=0.02)
+        scheds = [torch.optim.lr_scheduler.StepLR(o, 1, gamma=0.5) for o in (opt, ref_opt)]
+        X, Y = data()
+        for s in range(2):
+            opt.zero_grad()
+            ref_opt.zero_grad()
+            for half in range(2):
+                x, y = X[s].chunk(2)[half], Y[s].chunk(2)[half]
+                (loss_of(net, x.chunk(N)[rank], y.chunk(N)[rank]) / 2).backward()
+                (loss_of(ref, x, y) / 2).backward()
+            opt.step()
+            ref_opt.step()
+            for sc in scheds:
+                sc.step()
+        same_params(net, ref)
+    check("accumulate-schedule", accumulate_and_schedule)
+
+    def communication():
+        # Stage 1 and 2 move 2·(N-1)/N of the gradient bytes per step, like all-reduce.
+        net = TiedNet()
+        opt = zero.ShardedOptimizer(net.parameters(), torch.optim.Adam, gradients="sharded",
+                                    lr=0.02)
+        distlab.comm.ledger().reset()
+        train(net, opt, 1, rank, N)
+        n = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        sent = distlab.comm.ledger().totals()["bytes_sent"]
+        want = 2 * (N - 1) / N * 4 * n
+        assert want <= sent <= want + 2 * 4 * N * 4, (sent, want)   # padding: < N per tensor
+    check("communication", communication)
+    return out
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["2 ranks", "4 ranks"])
+def results(request):
+    per_rank = distlab.launch(scenarios, request.param, timeout=200)
+    return {name: [r[name] for r in per_rank if r[name]] for name in per_rank[0]}
+
+
+@pytest.mark.parametrize("mode", zero.GRADIENT_MODES)
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_sharded_optimizer_equals_single_process(results, mode, name):
+    """Frozen params, tied weights and two param groups, on every gradient mode."""
+    assert not results[f"{mode}-{name}"], results[f"{mode}-{name}"]
+
+
+@pytest.mark.parametrize("scenario", ["naive-adam", "state-dict", "accumulate-schedule",
+                                      "communication"])
+def test_scenario(results, scenario):
+    assert not results[scenario], results[scenario]
+
+
+def test_bad_gradient_mode_is_refused():
+    # Checked before any process group is needed.
+    with pytest.raises(ValueError, match="gradients='bogus'"):
+        zero.ShardedOptimizer([nn.Parameter(torch.ones(2))], torch.optim.SGD,
+                              gradients="bogus", lr=0.1)
+
+
+def test_layout_round_trip():
+    layout = zero.ShardLayout([(3, 5), (2,), (1,)], world_size=4)
+    tensors = [torch.randn(3, 5), torch.randn(2), torch.randn(1)]
+    rows = layout.pack_rows(tensors)
+    assert rows.shape == (4, 4 + 1 + 1)
+    for a, b in zip(layout.unpack_rows(rows), tensors):
+        torch.testing.assert_close(a, b)
+    into = [torch.zeros_like(t) for t in tensors]
+    layout.unpack_rows_into(rows, into)
+    for a, b in zip(into, tensors):
+        torch.testing.assert_close(a, b)
+    shards = [layout.shard(i, t, 3) for i, t in enumerate(tensors)]
+    assert [s.numel() for s in shards] == [3, 0, 0]      # 15 = 4+4+4+3; tiny ones: empty
+
+
+def test_exercise_checker_accepts_the_solution_and_names_the_missing_all_gather():
+    from distlab.exercises import zero as ex
+
+    assert ex.check_sharded_sgd_step(ex.sharded_sgd_step, world_size=2)
+
+    def forgot_the_all_gather(param, grad, momentum, lr, beta, group=None):
+        rank, n = dist.get_rank(), param.numel() // dist.get_world_size()
+        momentum.mul_(beta).add_(grad[rank * n:(rank + 1) * n])
+        param[rank * n:(rank + 1) * n] -= lr * momentum
+
+    verdict = ex.check_sharded_sgd_step(forgot_the_all_gather, world_size=2)
+    assert not verdict
+    assert "after step 1, rank 0: slice 1" in verdict.message and "all-gather" in verdict.message
