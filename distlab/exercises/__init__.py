@@ -9,6 +9,11 @@ and so on) with three things per exercise:
 * the reference solution, a plain function;
 * its registration with :func:`register`, so :func:`solution` can reveal it.
 
+Every checker stands on the same skeleton, :func:`launch_student`: refuse what is not a
+function, launch the student's code on real processes, and turn a failing, crashing or
+deadlocked rank into a :class:`Verdict` that names the rank; the lab-specific part of a
+checker only reads the results and explains what is wrong.
+
 Solutions are hidden unless the instructor enables them: ``DISTLAB_SOLUTIONS=1`` in the
 environment (or ``distlab.exercises.solution(name, reveal=True)``), so the same labs can be
 handed out with or without them.
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from distlab.course.settings import solutions_enabled
+from distlab.launcher import WorkerError, launch
 
 _SOLUTIONS: dict[str, Callable] = {}
 
@@ -40,6 +46,27 @@ class Verdict:
 
     def __str__(self):
         return ("PASS: " if self.ok else "NOT YET: ") + self.message
+
+
+def launch_student(name: str, student_fn, worker: Callable, world_size: int, *args,
+                   timeout: float = 30, hang_hint: str = ""):
+    """The checker skeleton: run ``worker(*args)`` on ``world_size`` real processes.
+
+    Returns ``(results, None)`` when every rank finished, or ``(None, verdict)`` when
+    ``student_fn`` is not callable, a rank raised or died (the verdict names the rank and
+    why), or the run did not finish within ``timeout`` seconds (``hang_hint`` says what
+    usually deadlocks in this exercise).
+    """
+    if not callable(student_fn):
+        return None, Verdict(False, f"{name} must be a function, got "
+                                    f"{type(student_fn).__name__}")
+    try:
+        return launch(worker, world_size, *args, timeout=timeout), None
+    except WorkerError as e:
+        if "timed out" in e.reason:
+            hint = f": {hang_hint}" if hang_hint else ""
+            return None, Verdict(False, f"it did not finish in {timeout:g} s{hint}")
+        return None, Verdict(False, f"rank {e.rank} failed: {e.reason}")
 
 
 def register(name: str):

@@ -151,6 +151,7 @@ def train(config: MeshConfig, workload: Workload) -> dict:
     mesh = build_mesh(config)
     dev = device()                    # the CPU on gloo, this rank's GPU on NCCL
     model = parallel_model(workload, mesh).to(dev)
+    optimizer = workload.optimizer(model.parameters())
     comm.ledger().reset()        # count the training only, not building the groups
     losses = []
     for step, (X, y) in enumerate(workload.batches()):
@@ -160,7 +161,8 @@ def train(config: MeshConfig, workload: Workload) -> dict:
         loss.backward()
         if config.dp > 1:
             all_reduce_gradients(model, mesh.dp_group, config.dp)
-        workload.sgd_step(model.parameters())
+        optimizer.step()
+        optimizer.zero_grad()
         # The global loss is the mean of the replicas' losses (equal slices).
         total = loss.detach().clone()
         if config.dp > 1:

@@ -241,6 +241,8 @@ def train(config: PipelineConfig, workload: Workload) -> dict:
     dev = device()                    # the CPU on gloo, this rank's GPU on NCCL
     stage = PipelineStage(nn.Sequential(*list(model)[layers.start: layers.stop]).to(dev),
                           rank, config.num_stages)
+    params = list(stage.layers.parameters())     # a stage of ReLUs alone has none
+    optimizer = workload.optimizer(params) if params else None
     comm.barrier()                    # start every rank's clock together
     stage.timeline.t0 = time.perf_counter()
     comm.ledger().reset()
@@ -251,7 +253,9 @@ def train(config: PipelineConfig, workload: Workload) -> dict:
         # the previous step, and the picture of one step shows the idle time of two).
         comm.barrier()
         loss = stage.train_step(X.to(dev), y.to(dev), workload.loss, config)
-        workload.sgd_step(stage.layers.parameters())
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad()
         if loss is not None:
             losses.append(loss)
             report(step=step, loss=loss, **comm.ledger().totals())

@@ -1,8 +1,8 @@
 """Data for the labs, all available offline, and how it is split across ranks.
 
 * :func:`linear_regression` - a synthetic least-squares problem with a known answer.
-* :func:`digits` - scikit-learn's 8x8 handwritten digits (1,797 images, ships inside the
-  package: nothing is downloaded).
+* :func:`digits` - the 8x8 handwritten digits (1,797 images, UCI via scikit-learn, shipped in
+  ``distlab/problems/datasets``: nothing is downloaded, nothing but numpy reads it).
 * :func:`sparse_classification` - a high-dimensional sparse logistic-regression problem,
   where Hogwild!'s lock-free updates rarely collide.
 * :func:`shard_indices` - the rank's shard of an epoch, like ``DistributedSampler``.
@@ -12,8 +12,13 @@ without communicating.
 """
 from __future__ import annotations
 
+import functools
+import gzip
+import io
 from dataclasses import dataclass
+from importlib import resources
 
+import numpy as np
 import torch
 
 
@@ -46,15 +51,20 @@ def linear_regression(n: int = 1024, d: int = 16, noise: float = 0.1, seed: int 
 
 
 def digits(seed: int = 0, val_fraction: float = 0.2) -> Dataset:
-    """scikit-learn's digits: 64 pixel features scaled to [0, 1], 10 classes."""
-    from sklearn.datasets import load_digits
-    X, y = load_digits(return_X_y=True)
-    X = torch.tensor(X, dtype=torch.float32) / 16.0
-    y = torch.tensor(y, dtype=torch.long)
+    """The 8x8 handwritten digits: 64 pixel features scaled to [0, 1], 10 classes."""
+    X, y = _digits_table()
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     X, y = X[perm], y[perm]
     n_val = int(len(y) * val_fraction)
     return Dataset(X[n_val:], y[n_val:], X[:n_val], y[:n_val], num_classes=10)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_table() -> tuple[torch.Tensor, torch.Tensor]:
+    """The shipped table, read once per process: X (1797, 64) in [0, 1], y (1797,)."""
+    raw = resources.files("distlab.problems").joinpath("datasets", "digits.csv.gz").read_bytes()
+    table = np.loadtxt(io.BytesIO(gzip.decompress(raw)), delimiter=",", dtype=np.float32)
+    return torch.from_numpy(table[:, :-1] / 16.0), torch.from_numpy(table[:, -1]).long()
 
 
 def sparse_classification(n: int = 4096, d: int = 2000, nnz: int = 10, seed: int = 0,

@@ -1,7 +1,7 @@
 """The two small real models that lab 05 trains through every kind of parallelism.
 
 * ``"mlp"``: the ReLU MLP classifier of the data-parallel lab (:func:`distlab.problems.models.mlp`)
-  on scikit-learn's digits (:func:`distlab.problems.data.digits`);
+  on the digits (:func:`distlab.problems.data.digits`);
 * ``"transformer"``: :class:`distlab.problems.transformer.TinyTransformer` learning the next
   character of the text that ships with distlab.
 
@@ -72,8 +72,7 @@ class Workload:
     def loaded(self) -> "Workload":
         """This workload with its data loaded, to send to the workers.
 
-        Loading the digits imports scikit-learn, which takes seconds; done once by the
-        caller, it is not repeated in every worker process.
+        Loaded once by the caller, the data travels to every worker with the config.
         """
         if self.dataset is not None:
             return self
@@ -101,26 +100,20 @@ class Workload:
         """Mean cross-entropy (over examples, or over characters)."""
         return F.cross_entropy(output.reshape(-1, output.shape[-1]), y.reshape(-1))
 
-    def sgd_step(self, params) -> None:
-        """One plain SGD step, ``p -= lr * p.grad``, then the gradients are cleared.
-
-        Written out rather than ``torch.optim.SGD``: the optimizers import torch's compiler
-        on first use, seconds per worker process, longer than these runs themselves.
-        """
-        with torch.no_grad():
-            for p in params:
-                if p.grad is not None:
-                    p.add_(p.grad, alpha=-self.lr)
-                    p.grad = None
+    def optimizer(self, params) -> torch.optim.Optimizer:
+        """The optimizer every rank and the single-process reference step with: plain SGD."""
+        return torch.optim.SGD(params, lr=self.lr)
 
 
 def train_reference(workload: Workload) -> list[float]:
     """Single-process training: the loss of every step, the curve to reproduce."""
     model = workload.build_model()
+    optimizer = workload.optimizer(model.parameters())
     losses = []
     for X, y in workload.batches():
         loss = workload.loss(model(X), y)
         loss.backward()
-        workload.sgd_step(model.parameters())
+        optimizer.step()
+        optimizer.zero_grad()
         losses.append(loss.item())
     return losses
