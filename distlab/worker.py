@@ -42,13 +42,33 @@ def worker_channel() -> _WorkerChannel | None:
 
 
 def _die_with_parent() -> None:
-    # If the forkserver (and hence the kernel) dies, take the worker with it: no orphans.
+    """End this worker when the launching process dies, however it dies (``kill -9`` too).
+
+    The worker's parent is the forkserver, so ``PR_SET_PDEATHSIG`` kills the worker when the
+    forkserver exits. The forkserver exits when the read end of its "alive" pipe reaches EOF,
+    that is when every copy of the write end is closed. The launching process holds one, but
+    multiprocessing also hands a copy to every forkserver child (so that a child could use
+    the forkserver itself): while any worker lives, the forkserver would never see its parent
+    go. Closing the worker's copy leaves the launcher's the only one: a killed kernel ends the
+    forkserver, which ends every worker within moments.
+    """
+    from multiprocessing import forkserver
+    fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        forkserver._forkserver._forkserver_alive_fd = None
+    parent = os.getppid()
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    if os.getppid() != parent:   # the parent died before the line above took effect
+        os._exit(1)
 
 
 def _worker_main(rank, world_size, backend, store_path, payload, conn, out_w, err_w,

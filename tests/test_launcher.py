@@ -157,7 +157,7 @@ def test_start_returns_at_once_and_can_be_stopped():
     assert len(run.records()) >= 10          # metrics arrive while the run goes on
     run.stop()
     assert run.done and _all_gone(run)
-    with pytest.raises(distlab.WorkerError, match="stopped by the user"):
+    with pytest.raises(distlab.WorkerError, match="^stopped by the user$"):
         run.result()
     df = run.metrics()
     assert list(df.columns[:4]) == ["run", "rank", "step", "time"] and "loss" in df
@@ -251,3 +251,39 @@ def test_expendable_rank_may_die_and_the_run_goes_on():
         distlab.launch(work, 2, expendable_ranks=(0, 1))
     with pytest.raises(ValueError, match="expendable_ranks"):
         distlab.launch(work, 2, expendable_ranks=(5,))
+
+
+KILLED_KERNEL = textwrap.dedent("""
+    import time
+    import distlab
+
+    def busy():
+        distlab.report(step=0, loss=0.0)
+        while True:                      # a worker that would run forever (timeout=None)
+            sum(range(1000))
+
+    run = distlab.start(busy, 4, timeout=None)
+    while len(run.metrics()) < 4:        # every worker is up and running
+        time.sleep(0.05)
+    print("ready", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_a_kernel_killed_hard_leaves_no_process_behind():
+    # kill -9 of the launching process (the OOM killer, a crashed or force-restarted
+    # kernel): the forkserver and every worker must end within seconds, whatever the timeout.
+    kernel = subprocess.Popen([sys.executable, "-c", KILLED_KERNEL], stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        assert kernel.stdout.readline().strip() == "ready"
+        descendants = psutil.Process(kernel.pid).children(recursive=True)
+        assert len(descendants) >= 5, descendants    # the forkserver and 4 workers
+    finally:
+        kernel.kill()
+        kernel.wait()
+    _, alive = psutil.wait_procs(descendants, timeout=5)
+    alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for p in alive:
+        p.kill()
+    assert not alive, f"still running 5 s after the kernel was killed: {alive}"
