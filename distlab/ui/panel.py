@@ -8,16 +8,41 @@ Assertion cells (and nbval) drive the same panel with :meth:`RunPanel.run` and
 """
 from __future__ import annotations
 
+import dataclasses
 import html
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import ipywidgets as W
 import pandas as pd
 
 from distlab.launcher import Run
 from distlab.ui.figures import LiveFigure
+
+
+def configure(config: Any, values: dict) -> Any:
+    """``config`` (a frozen dataclass) with the controls' ``values`` set, nested ones too.
+
+    A value whose name is not a field of ``config`` goes to the one dataclass field of
+    ``config`` that has it (an algorithm's ``workload.lr``, say). The new config validates
+    itself, so a bad control value is refused before any process starts.
+    """
+    own = {f.name for f in dataclasses.fields(config)}
+    top = {k: v for k, v in values.items() if k in own}
+    nested: dict[str, dict] = {}
+    for k, v in values.items():
+        if k in own:
+            continue
+        homes = [f.name for f in dataclasses.fields(config)
+                 if dataclasses.is_dataclass(getattr(config, f.name))
+                 and k in {g.name for g in dataclasses.fields(getattr(config, f.name))}]
+        if len(homes) != 1:
+            raise ValueError(f"control {k!r} is not a setting of {type(config).__name__}")
+        nested.setdefault(homes[0], {})[k] = v
+    for name, vals in nested.items():
+        top[name] = dataclasses.replace(getattr(config, name), **vals)
+    return dataclasses.replace(config, **top)
 
 
 def describe(values: dict) -> str:
@@ -29,17 +54,24 @@ def describe(values: dict) -> str:
 class RunPanel:
     """Controls, Run/Stop buttons, a status line, live figures and the workers' log.
 
+    Any algorithm with a configuration dataclass and the verb ``start(config, **launch)``
+    plugs in the same way: give its ``start`` and a base ``config``; each Run calls
+    ``start(configure(config, values), on_metrics=..., on_output=...)``.
+
     Args:
-        controls: ``{name: widget}``; the widgets' values are passed to ``start`` by name.
-        start: ``start(on_metrics=..., on_output=..., **values) -> distlab.Run``; it must not
-            block (use :func:`distlab.start`).
+        controls: ``{name: widget}``; each widget's value sets the config field of that name.
+        start: the algorithm's ``start(config, **launch) -> distlab.Run``; it must not block.
+            Without ``config``: ``start(on_metrics=..., on_output=..., **values)``.
         figures: the :class:`~distlab.ui.figures.LiveFigure` objects every run draws into.
         name: ``name(values) -> str``, the legend entry of a run (default: :func:`describe`).
+        config: the base configuration the controls modify (see :func:`configure`).
     """
 
     def __init__(self, controls: dict[str, W.Widget], start: Callable[..., Run],
-                 figures: list[LiveFigure], name: Callable[[dict], str] = describe):
+                 figures: list[LiveFigure], name: Callable[[dict], str] = describe,
+                 config: Any = None):
         self.controls, self._start, self.figures, self._name = controls, start, figures, name
+        self.config = config
         self.runs: dict[str, Run] = {}
         self.current: Run | None = None
         self.run_button = W.Button(description="Run", button_style="success", icon="play")
@@ -90,7 +122,11 @@ class RunPanel:
             lines = "".join(f"[rank {rank}] {ln}\n" for ln in text.splitlines())
             (self.log.append_stderr if stream == "stderr" else self.log.append_stdout)(lines)
 
-        run = self._start(on_metrics=on_metrics, on_output=on_output, **values)
+        if self.config is not None:
+            run = self._start(configure(self.config, values), on_metrics=on_metrics,
+                              on_output=on_output)
+        else:
+            run = self._start(on_metrics=on_metrics, on_output=on_output, **values)
         self.current = self.runs[name] = run
         self.run_button.disabled, self.stop_button.disabled = True, False
         self._set_status(f"running <b>{html.escape(name)}</b> on {run.world_size} processes…")
