@@ -25,7 +25,7 @@ import torch
 from distlab import comm
 from distlab.checks import is_int, is_number, require
 from distlab.problems.data import linear_regression, shard_indices
-from distlab.launcher import Run, start
+from distlab.launcher import MAX_WORLD_SIZE, Run, start as _start
 from distlab.metrics import report
 from distlab.problems.models import linear
 
@@ -33,6 +33,8 @@ from distlab.problems.models import linear
 @dataclass(frozen=True)
 class FirstRunConfig:
     """Settings of the lab 00 training run."""
+    world_size: int = 2
+    """Processes (ranks), 1 to 64."""
     num_steps: int = 60
     """Gradient steps, 1 to 10,000."""
     lr: float = 0.1
@@ -45,7 +47,7 @@ class FirstRunConfig:
     """Seed of the data and of the initial weights."""
 
     def __post_init__(self):
-        for name, lo, hi in [("num_steps", 1, 10_000), ("num_examples", 1, 1_000_000),
+        for name, lo, hi in [("world_size", 1, MAX_WORLD_SIZE), ("num_steps", 1, 10_000), ("num_examples", 1, 1_000_000),
                              ("num_features", 1, 10_000)]:
             v = getattr(self, name)
             require(self, name, is_int(v) and lo <= v <= hi, f"integers {lo}..{hi}")
@@ -101,13 +103,12 @@ def reference(config: FirstRunConfig) -> tuple[list[float], list[float]]:
     return losses, torch.cat([p.detach().reshape(-1) for p in params]).tolist()
 
 
-def start_run(world_size: int = 2, lr: float = 0.1, num_steps: int = 60, on_metrics=None,
-              on_output=None, **settings) -> Run:
-    """Start :func:`train` on ``world_size`` processes without blocking (for a RunPanel).
+def start(config: FirstRunConfig, **launch) -> Run:
+    """Start :func:`train` on ``config.world_size`` processes without blocking."""
+    launch.setdefault("timeout", 120)
+    return _start(train, config.world_size, config, **launch)
 
-    ``settings`` are further :class:`FirstRunConfig` fields. Bad values raise here, before
-    any process starts.
-    """
-    config = FirstRunConfig(num_steps=num_steps, lr=lr, **settings)
-    return start(train, world_size, config, on_metrics=on_metrics, on_output=on_output,
-                 timeout=120)
+
+def run(config: FirstRunConfig, **launch) -> list[list[float]]:
+    """:func:`start`, then wait: every rank's final parameters."""
+    return start(config, **launch).result()

@@ -10,8 +10,7 @@ from typing import Callable
 
 import torch
 
-from distlab.launcher import WorkerError, launch
-from distlab.exercises import Verdict, register
+from distlab.exercises import Verdict, launch_student, register
 
 
 @register("global_mean")
@@ -46,12 +45,11 @@ def _run_student(student_fn: Callable):
 
 def check_global_mean(student_fn: Callable, world_size: int = 3) -> Verdict:
     """Run ``student_fn`` on ``world_size`` real processes and say whether each rank got the mean."""
-    if not callable(student_fn):
-        return Verdict(False, f"global_mean must be a function, got {type(student_fn).__name__}")
-    try:
-        results = launch(_run_student, world_size, student_fn, timeout=30)
-    except WorkerError as e:
-        return Verdict(False, f"rank {e.rank} failed: {e.reason}")
+    results, failed = launch_student("global_mean", student_fn, _run_student, world_size,
+                                     student_fn, hang_hint="does every rank call the same "
+                                     "collective?")
+    if failed:
+        return failed
     values = [_local_value(r) for r in range(world_size)]
     want = torch.stack(values).mean(0)
     total = torch.stack(values).sum(0)

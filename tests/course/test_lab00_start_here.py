@@ -1,4 +1,6 @@
 """Lab 00's training run and exercise checker, against a single process, on 2 and 4 ranks."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -11,8 +13,7 @@ CONFIG = first_steps.FirstRunConfig(num_steps=8, lr=0.2, num_examples=103)  # un
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_sharded_gradient_descent_equals_one_process(world_size):
-    run = first_steps.start_run(world_size=world_size, lr=CONFIG.lr, num_steps=CONFIG.num_steps,
-                                num_examples=CONFIG.num_examples)
+    run = first_steps.start(dataclasses.replace(CONFIG, world_size=world_size))
     params = run.result()
     losses, reference_params = first_steps.reference(CONFIG)
     df = run.metrics()
@@ -25,10 +26,11 @@ def test_sharded_gradient_descent_equals_one_process(world_size):
 
 
 @pytest.mark.parametrize("field, value", [("lr", 0.0), ("lr", 2.0), ("num_steps", 0),
-                                          ("num_examples", 1.5)])
+                                          ("num_examples", 1.5), ("world_size", 0),
+                                          ("world_size", True)])
 def test_bad_config_names_the_field_before_any_process(field, value):
     with pytest.raises(ValueError, match=f"FirstRunConfig.{field}="):
-        first_steps.start_run(**{field: value})
+        first_steps.FirstRunConfig(**{field: value})
 
 
 def test_checker_accepts_the_solution_and_explains_mistakes():
