@@ -52,7 +52,8 @@ def launch_student(name: str, student_fn, worker: Callable, world_size: int, *ar
                    timeout: float = 30, hang_hint: str = ""):
     """The checker skeleton: run ``worker(*args)`` on ``world_size`` real processes.
 
-    Returns ``(results, None)`` when every rank finished, or ``(None, verdict)`` when
+    Returns ``(results, None)`` when every rank finished, or ``(None, verdict)`` (test it
+    with ``is not None``: a failing Verdict is falsy) when
     ``student_fn`` is not callable, a rank raised or died (the verdict names the rank and
     why), or the run did not finish within ``timeout`` seconds (``hang_hint`` says what
     usually deadlocks in this exercise).

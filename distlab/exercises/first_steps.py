@@ -48,7 +48,7 @@ def check_global_mean(student_fn: Callable, world_size: int = 3) -> Verdict:
     results, failed = launch_student("global_mean", student_fn, _run_student, world_size,
                                      student_fn, hang_hint="does every rank call the same "
                                      "collective?")
-    if failed:
+    if failed is not None:
         return failed
     values = [_local_value(r) for r in range(world_size)]
     want = torch.stack(values).mean(0)
