@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 import distlab
-from distlab.communication import collectives, cost_model
+from distlab.communication import alpha_beta, collectives, cost_model
 
 KIB, MIB = 1024, 1024 * 1024
 SIZES = [4 * KIB, 16 * KIB, 64 * KIB, 256 * KIB, 1 * MIB, 4 * MIB, 16 * MIB]
@@ -66,7 +66,7 @@ def bandwidth_table(world_sizes, sizes, repeats):
     lines = ["| ranks | size | ring (ms) | gloo (ms) | ring bus bw (GB/s) | gloo bus bw (GB/s) "
              "| ring / gloo bandwidth |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        traffic = 2 * (r["world_size"] - 1) / r["world_size"] * r["nbytes"]
+        traffic = alpha_beta.ring_all_reduce(r["nbytes"], r["world_size"]).nbytes
         lines.append(f"| {r['world_size']} | {_fmt_size(r['nbytes'])} | {1e3 * r['ring']:.3f} | "
                      f"{1e3 * r['gloo']:.3f} | {traffic / r['ring'] / 1e9:.2f} | "
                      f"{traffic / r['gloo'] / 1e9:.2f} | {r['gloo'] / r['ring']:.2f}× |")

@@ -38,11 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _module(name: str):
-    """``distlab.<name>``, or None when that part of the course is not written yet."""
-    try:
-        return importlib.import_module(f"distlab.{name}")
-    except ModuleNotFoundError:
-        return None
+    """``distlab.<name>``; a missing module is an error, never a silently skipped check."""
+    return importlib.import_module(f"distlab.{name}")
 
 
 def _timed(fn, device, repeat: int) -> float:
@@ -121,7 +118,7 @@ def _collective_rows(numel: int, repeat: int) -> list[tuple]:
             return bool((recv == (rank - 1) % n + 1.0).all()), "isend/irecv to the next rank"
         row("comm.isend/irecv (ring shift)", check_ring_shift, ring_shift, 1.0)
 
-    collectives = _module("collectives")
+    collectives = _module("communication.collectives")
     if collectives is not None:
         def check_ring():
             t = x.clone()
@@ -178,7 +175,7 @@ def _training_rows(steps: int) -> list[tuple]:
             rows.append((name, False, f"{type(e).__name__}: {e}"[:120].replace("\n", " "),
                          None, None))
 
-    data_parallel = _module("data_parallel")
+    data_parallel = _module("data_parallel.ddp")
     if data_parallel is not None:
         for variant in data_parallel.VARIANTS:
             def train_ddp(optimizer_class, variant=variant, **hyper):
@@ -192,7 +189,7 @@ def _training_rows(steps: int) -> list[tuple]:
                 return model.module.state_dict()
             row(f"data_parallel {variant}", train_ddp, torch.optim.SGD, lr=0.1)
 
-    zero = _module("zero")
+    zero = _module("sharding.zero")
     if zero is not None:
         for stage, gradients in ((1, "reduce_scatter"), (2, "sharded")):
             def train_zero(optimizer_class, gradients=gradients, **hyper):
@@ -206,7 +203,7 @@ def _training_rows(steps: int) -> list[tuple]:
                 return model.state_dict()
             row(f"zero stage {stage} (ShardedOptimizer)", train_zero, torch.optim.Adam, lr=1e-3)
 
-    fsdp = _module("fsdp")
+    fsdp = _module("sharding.fsdp")
     if fsdp is not None:
         def train_fsdp(optimizer_class, **hyper):
             model = fsdp.FullyShardedDataParallel(mlp(64, 256, 10, depth=2, seed=0).to(dev))

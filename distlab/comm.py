@@ -8,10 +8,14 @@ clock reads and a few additions per call (see ``benchmarks/bench_launch.py``).
 Bytes are counted as follows:
 
 * point-to-point (``send``/``recv``/``isend``/``irecv``): exactly the tensor's bytes;
-* built-in collectives: the volume each rank moves in the bandwidth-optimal algorithm
-  (Thakur, Rabenseifner and Gropp 2005): ``all_reduce`` 2(p-1)/p·n sent and received,
-  ``reduce_scatter`` and ``all_gather`` (p-1)/p·n where n is the full tensor's bytes,
-  ``broadcast`` n leaving the root and n arriving at every other rank.
+* built-in collectives: their **model bytes**, the volume each rank moves in the
+  bandwidth-optimal algorithm (Thakur, Rabenseifner and Gropp 2005), from
+  :mod:`distlab.communication.alpha_beta`: ``all_reduce`` 2(p-1)/p·n sent and received
+  (:func:`~distlab.communication.alpha_beta.ring_all_reduce_bytes`), ``reduce_scatter`` and
+  ``all_gather`` (p-1)/p·n where n is the full tensor's bytes
+  (:func:`~distlab.communication.alpha_beta.ring_all_gather_bytes`), ``broadcast`` n leaving
+  the root and n arriving at every other rank
+  (:func:`~distlab.communication.alpha_beta.broadcast_bytes`).
 
 The ledger belongs to the process: one process is one rank. Time for an asynchronous
 operation is counted from its launch to its ``wait()``.
@@ -24,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from distlab.communication import alpha_beta
 
 _clock = time.perf_counter
 
@@ -152,15 +158,14 @@ def irecv(tensor, src=None, group=None, tag=0):
 
 def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
     """``dist.all_reduce``, counted as a ring all-reduce: 2(p-1)/p·n each way."""
-    p = _p(group)
-    vol = 2 * (p - 1) * nbytes(tensor) // p
+    vol = alpha_beta.ring_all_reduce_bytes(nbytes(tensor), _p(group))
     return _run("all_reduce", lambda: dist.all_reduce(tensor, op=op, group=group,
                                                       async_op=async_op), vol, vol, async_op)
 
 
 def broadcast(tensor, src, group=None, async_op=False):
     """``dist.broadcast``, counted as n bytes leaving ``src`` and arriving everywhere else."""
-    n = nbytes(tensor) if _p(group) > 1 else 0
+    n = alpha_beta.broadcast_bytes(nbytes(tensor), _p(group))
     is_src = dist.get_rank() == src
     return _run("broadcast", lambda: dist.broadcast(tensor, src, group=group,
                                                     async_op=async_op),
@@ -169,8 +174,7 @@ def broadcast(tensor, src, group=None, async_op=False):
 
 def all_gather_into_tensor(output, input, group=None, async_op=False):
     """``dist.all_gather_into_tensor``, counted as a ring all-gather: (p-1)/p·n each way."""
-    p = _p(group)
-    vol = (p - 1) * nbytes(output) // p
+    vol = alpha_beta.ring_all_gather_bytes(nbytes(output), _p(group))
     return _run("all_gather", lambda: _all_gather_single(
         output, input, group=group, async_op=async_op), vol, vol, async_op)
 
@@ -178,7 +182,7 @@ def all_gather_into_tensor(output, input, group=None, async_op=False):
 def all_gather(tensor_list, tensor, group=None, async_op=False):
     """``dist.all_gather`` into a list, counted as a ring all-gather."""
     p = _p(group)
-    vol = (p - 1) * nbytes(tensor)
+    vol = alpha_beta.ring_all_gather_bytes(p * nbytes(tensor), p)
     return _run("all_gather", lambda: dist.all_gather(tensor_list, tensor, group=group,
                                                       async_op=async_op), vol, vol, async_op)
 
@@ -196,7 +200,7 @@ def reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=None, async
         output.copy_(full.chunk(p)[dist.get_group_rank(group, dist.get_rank())
                                    if group is not None else dist.get_rank()])
         return None
-    vol = (p - 1) * nbytes(input) // p
+    vol = alpha_beta.ring_reduce_scatter_bytes(nbytes(input), p)
     return _run("reduce_scatter", lambda: _reduce_scatter_single(
         output, input, op=op, group=group, async_op=async_op), vol, vol, async_op)
 

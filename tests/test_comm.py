@@ -1,4 +1,5 @@
 """distlab.comm: the accounted wrappers give torch.distributed's results and count bytes."""
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -29,20 +30,38 @@ def exercise_every_wrapper():
     return x, y, b, out, rs, r, comm.ledger().by_op(), comm.ledger().totals()
 
 
-def test_wrappers_match_torch_and_count_bytes():
-    p = 3
-    for rank, (x, y, b, out, rs, r, ops, totals) in enumerate(distlab.launch(exercise_every_wrapper, p)):
+P = 3
+
+
+@pytest.fixture(scope="module")
+def wrapped():
+    """One launch of 3 ranks calling every wrapper once."""
+    return distlab.launch(exercise_every_wrapper, P)
+
+
+def test_wrappers_give_torch_distributed_results(wrapped):
+    p = P
+    for rank, (x, y, b, out, rs, r, _, _) in enumerate(wrapped):
         torch.testing.assert_close(x, torch.full((8,), 6.0))
         torch.testing.assert_close(y, torch.full((4,), 3.0))
         torch.testing.assert_close(b, torch.full((6,), 1.0))
         torch.testing.assert_close(out, torch.tensor([0., 0., 1., 1., 2., 2.]))
         torch.testing.assert_close(rs, p * torch.arange(2.0 * p)[2 * rank: 2 * rank + 2])
         torch.testing.assert_close(r, torch.full((3,), float((rank - 1) % p)))
-        ring = 2 * (p - 1) * 32 // p + 2 * (p - 1) * 16 // p
-        assert ops["all_reduce"]["calls"] >= 2 and ops["all_reduce"]["bytes_sent"] >= ring
+
+
+def test_point_to_point_counts_exactly_the_tensor_bytes(wrapped):
+    for *_, ops, _ in wrapped:
         assert ops["send"] == {"calls": 1, "bytes_sent": 12, "bytes_recv": 0,
                                "comm_time": ops["send"]["comm_time"]}
         assert ops["recv"]["bytes_recv"] == 12
+
+
+def test_built_in_collectives_book_their_model_bytes(wrapped):
+    p = P
+    for rank, (*_, ops, totals) in enumerate(wrapped):
+        ring = 2 * (p - 1) * 32 // p + 2 * (p - 1) * 16 // p
+        assert ops["all_reduce"]["calls"] >= 2 and ops["all_reduce"]["bytes_sent"] >= ring
         assert ops["broadcast"]["bytes_sent"] == (24 if rank == 1 else 0)
         assert ops["broadcast"]["bytes_recv"] == (0 if rank == 1 else 24)
         assert ops["all_gather"]["bytes_sent"] == (p - 1) * 24 // p

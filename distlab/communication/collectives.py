@@ -7,7 +7,8 @@ for any world size (powers of two or not) and any length (shorter than the world
 
 Costs in the alpha-beta model (Thakur, Rabenseifner and Gropp, "Optimization of Collective
 Communication Operations in MPICH", IJHPCA 2005): a message of n bytes takes alpha + n·beta;
-p ranks; n the tensor's bytes.
+p ranks; n the tensor's bytes. Each formula is a function of
+:mod:`distlab.communication.alpha_beta` of the same name (the bytes: ``..._bytes``).
 
 =============================  =============================  ==============================
 algorithm                      time                           bytes sent per rank
@@ -21,7 +22,7 @@ algorithm                      time                           bytes sent per ran
 
 The ring is bandwidth-optimal (its n·beta term cannot be beaten), recursive doubling is
 latency-optimal, and the naive parameter-server pattern is neither: its root's link carries
-every byte. :mod:`distlab.communication.cost_model` turns this table into code and fits it to your machine.
+every byte. :mod:`distlab.communication.cost_model` fits the table to your machine.
 
 Options shared by every function (keyword-only):
 
@@ -32,7 +33,8 @@ Options shared by every function (keyword-only):
 * ``network``: a :class:`distlab.communication.netsim.Network` whose *injected* latency and bandwidth are
   added to every message (a simulated cluster on one machine).
 * ``trace``: a list; when given, one event per message is appended to it (who sent which
-  chunk to whom, when) for :func:`figure_timeline`. Nothing is recorded otherwise.
+  chunk to whom, when) for a timeline figure (lab 01's
+  :func:`distlab.course.lab01_collectives.figure_timeline`). Nothing is recorded otherwise.
 """
 from __future__ import annotations
 
@@ -133,7 +135,8 @@ def naive_all_reduce(tensor, group=None, *, check=True, network=None, trace=None
     and broadcast of Thakur et al. 2005, section 2. Not used for large tensors in practice:
     rank 0's link carries all the traffic, ``(p-1)·n`` in and ``(p-1)·n`` out.
 
-    Cost: ``2(p-1)·alpha + 2(p-1)·n·beta`` (rank 0 handles one message at a time).
+    Cost: :func:`distlab.communication.alpha_beta.naive_all_reduce`,
+    ``2(p-1)·alpha + 2(p-1)·n·beta`` (rank 0 handles one message at a time).
     """
     me, p = _group_rank_and_size(tensor, group, check, "naive_all_reduce")
     if p == 1 or tensor.numel() == 0:
@@ -175,7 +178,8 @@ def recursive_doubling_all_reduce(tensor, group=None, *, check=True, network=Non
     ``2·(p - p')`` ranks (p' the largest power of two below p) first fold pairwise into
     p' ranks, and unfold after (Rabenseifner 2004): two more rounds for those ranks.
 
-    Cost: ``lg p·alpha + lg p·n·beta`` for p a power of two, else
+    Cost: :func:`distlab.communication.alpha_beta.recursive_doubling_all_reduce`,
+    ``lg p·alpha + lg p·n·beta`` for p a power of two, else
     ``(floor(lg p) + 2)·(alpha + n·beta)``. Latency-optimal; good for small tensors.
     """
     me, p = _group_rank_and_size(tensor, group, check, "recursive_doubling_all_reduce")
@@ -253,7 +257,8 @@ def ring_reduce_scatter(tensor, group=None, *, check=True, network=None, trace=N
     chunk r on rank r holds the full sum; the other chunks hold partial sums.
 
     Returns chunk r (a view into ``tensor``). Uses (p-1)/p·n bytes of receive buffers.
-    Cost: ``(p-1)·alpha + (p-1)/p·n·beta``.
+    Cost: :func:`distlab.communication.alpha_beta.ring_reduce_scatter`,
+    ``(p-1)·alpha + (p-1)/p·n·beta``.
     """
     me, p = _group_rank_and_size(tensor, group, check, "ring_reduce_scatter")
     chunks = tensor.view(-1).tensor_split(p)
@@ -274,7 +279,8 @@ def ring_all_gather(tensor, group=None, *, check=True, network=None, trace=None)
     receives chunk ``(r-s-1) mod p`` from rank r-1 (Thakur et al. 2005, section 4.1), straight
     into its place. ``all_gather_into_tensor`` with the input already in place.
 
-    Cost: ``(p-1)·alpha + (p-1)/p·n·beta``.
+    Cost: :func:`distlab.communication.alpha_beta.ring_all_gather`,
+    ``(p-1)·alpha + (p-1)/p·n·beta``.
     """
     me, p = _group_rank_and_size(tensor, group, check, "ring_all_gather")
     if p == 1 or tensor.numel() == 0:
@@ -294,7 +300,8 @@ def ring_all_reduce(tensor, group=None, *, check=True, network=None, trace=None)
     Horovod use for large tensors. Every rank sends and receives ``2(p-1)/p·n`` bytes, the
     lower bound, whatever p; the price is ``2(p-1)`` latency terms.
 
-    Cost: ``2(p-1)·alpha + 2(p-1)/p·n·beta``.
+    Cost: :func:`distlab.communication.alpha_beta.ring_all_reduce`,
+    ``2(p-1)·alpha + 2(p-1)/p·n·beta``.
     """
     me, p = _group_rank_and_size(tensor, group, check, "ring_all_reduce")
     if p == 1 or tensor.numel() == 0:
@@ -305,7 +312,8 @@ def ring_all_reduce(tensor, group=None, *, check=True, network=None, trace=None)
 
 
 def gloo_all_reduce(tensor, group=None, *, check=True, network=None, trace=None):
-    """The built-in ``torch.distributed.all_reduce`` (counted), for comparison.
+    """The built-in ``torch.distributed.all_reduce`` (counted), for comparison; the ledger
+    books it as a ring (:func:`distlab.communication.alpha_beta.ring_all_reduce_bytes`).
 
     ``network`` is not applied (the messages are inside the backend) and ``trace`` stays
     empty; ``check`` is ignored: the backend checks sizes itself.
@@ -316,49 +324,5 @@ def gloo_all_reduce(tensor, group=None, *, check=True, network=None, trace=None)
 
 ALL_REDUCES = {"ring": ring_all_reduce, "recursive_doubling": recursive_doubling_all_reduce,
                "naive": naive_all_reduce, "gloo": gloo_all_reduce}
-"""All-reduce algorithms by name: the names :mod:`distlab.communication.cost_model` uses."""
-
-
-# ----------------------------------------------------------------------------------------
-# Figures for lab 01.
-# ----------------------------------------------------------------------------------------
-
-def figure_bytes_per_rank(bytes_sent: dict[str, list[int]], nbytes: int):
-    """Bar chart: bytes each rank sent, one group of bars per algorithm.
-
-    Args:
-        bytes_sent: ``{algorithm: [bytes sent by rank 0, rank 1, ...]}``.
-        nbytes: the size of the tensor that was all-reduced (drawn as a dashed line).
-    """
-    import plotly.graph_objects as go
-    fig = go.Figure()
-    for algorithm, per_rank in bytes_sent.items():
-        fig.add_bar(x=[f"rank {r}" for r in range(len(per_rank))], y=per_rank, name=algorithm)
-    fig.add_hline(y=nbytes, line_dash="dash", annotation_text="n (the tensor's bytes)")
-    fig.update_layout(barmode="group", title="bytes sent per rank in one all-reduce",
-                      yaxis_title="bytes_sent", template="plotly_white", height=360)
-    return fig
-
-
-def figure_timeline(trace: list[dict]):
-    """Per-rank timeline of one traced collective: which rank sends which chunk, when.
-
-    ``trace`` is the concatenation of every rank's ``trace`` list. Each bar is one step of
-    one rank (from posting its send and receive to both finishing), coloured by the chunk
-    it sent and labelled with the receiver.
-    """
-    import plotly.graph_objects as go
-    t0 = min(e["start"] for e in trace)
-    fig = go.Figure()
-    for chunk in sorted({e["chunk"] for e in trace}):
-        evs = [e for e in trace if e["chunk"] == chunk]
-        fig.add_bar(
-            y=[f"rank {e['rank']}" for e in evs], x=[1e3 * (e["end"] - e["start"]) for e in evs],
-            base=[1e3 * (e["start"] - t0) for e in evs], orientation="h", name=f"chunk {chunk}",
-            text=[f"{e['phase']}: chunk {e['chunk']} → rank {e['dst']}" if e["dst"] is not None
-                  else e["phase"] for e in evs],
-            hovertemplate="%{text}<br>%{base:.2f} ms + %{x:.2f} ms<extra></extra>")
-    fig.update_layout(barmode="overlay", title="one ring all-reduce, step by step",
-                      xaxis_title="time since the first send (ms)", template="plotly_white",
-                      yaxis=dict(autorange="reversed"), height=80 + 50 * len({e["rank"] for e in trace}))
-    return fig
+"""All-reduce algorithms by name: the names of their costs in
+:data:`distlab.communication.alpha_beta.COSTS`."""

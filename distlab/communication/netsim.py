@@ -8,8 +8,8 @@ the slow rank). The real message is then sent as usual, so results stay exact; o
 clock sees a slower network. Everything measured with a Network is labelled **injected**.
 
 The model is the alpha-beta model with one port per rank (Thakur, Rabenseifner and Gropp
-2005): alpha = ``latency``, beta = ``1 / bandwidth``; a rank sends one message at a time and
-receives one message at a time. Senders serialise their own messages by sleeping one after
+2005; :mod:`distlab.communication.alpha_beta`): alpha = ``latency``, beta = ``1 / bandwidth``;
+a rank sends one message at a time and receives one message at a time. Senders serialise their own messages by sleeping one after
 the other; a receiver that takes several messages at once (the root of a gather) calls
 :meth:`Network.inject_incoming` to pay for its single incoming link.
 
@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 
 from distlab.checks import is_int, is_number, require
+from distlab.communication import alpha_beta
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,13 @@ class Network:
         return 1.0 / self.bandwidth
 
     def delay(self, nbytes: int, src: int, dst: int) -> float:
-        """Injected seconds for one message of ``nbytes`` from rank ``src`` to rank ``dst``."""
-        seconds = self.latency + nbytes / self.bandwidth
+        """Injected seconds for one message of ``nbytes`` from rank ``src`` to rank ``dst``:
+        :func:`distlab.communication.alpha_beta.send`, ``alpha + n·beta``."""
+        for name, rank in (("src", src), ("dst", dst)):
+            if not (is_int(rank) and rank >= 0):
+                raise ValueError(f"Network.delay: {name}={rank!r} is out of range; "
+                                 "allowed a rank >= 0")
+        seconds = alpha_beta.send(nbytes).time(self.alpha, self.beta)
         if self.slow_rank is not None and self.slow_rank in (src, dst):
             seconds *= self.slow_factor
         return seconds
@@ -87,13 +93,17 @@ class Network:
     def all_reduce_delay(self, nbytes: int, world_size: int, algorithm: str = "ring") -> float:
         """Injected seconds for one all-reduce of ``nbytes`` on ``world_size`` ranks.
 
-        The alpha-beta cost of ``algorithm`` (see :mod:`distlab.communication.cost_model`) with this
-        network's alpha and beta, times ``slow_factor`` when the slow rank takes part (a
-        ring or a tree waits for its slowest link). For labs that use the built-in
-        all-reduce and want it to feel like a cluster's.
+        The alpha-beta cost of ``algorithm`` (one of
+        :data:`distlab.communication.alpha_beta.COSTS`) with this network's alpha and beta,
+        times ``slow_factor`` when the slow rank takes part (a ring or a tree waits for its
+        slowest link). For labs that use the built-in all-reduce and want it to feel like a
+        cluster's.
         """
-        from distlab.communication.cost_model import predict
-        seconds = predict(algorithm, nbytes, world_size, self.alpha, self.beta)
+        if algorithm not in alpha_beta.COSTS:
+            raise ValueError(f"Network.all_reduce_delay: algorithm={algorithm!r} is unknown; "
+                             f"allowed {list(alpha_beta.COSTS)}")
+        cost = alpha_beta.COSTS[algorithm](nbytes, world_size)
+        seconds = cost.time(self.alpha, self.beta)
         if self.slow_rank is not None and self.slow_rank < world_size:
             seconds *= self.slow_factor
         return seconds

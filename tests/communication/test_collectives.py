@@ -55,36 +55,61 @@ def run_everything():
     return out, x2, trace
 
 
-@pytest.mark.parametrize("p", [2, 3, 4])
-def test_every_algorithm_equals_torch_all_reduce(p):
-    results = distlab.launch(run_everything, p, timeout=120)
-    for rank, (out, x2, trace) in enumerate(results):
-        for (name, dtype, n), (got, want, sent) in out.items():
-            reference = sum(value(r, n, dtype) for r in range(p))   # one process, no dist
+@pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda p: f"p={p}")
+def everything(request):
+    """One launch per world size: ``(p, [(out, x2, trace) for each rank])``."""
+    return request.param, distlab.launch(run_everything, request.param, timeout=120)
+
+
+def reference(name, dtype, n, p, rank):
+    """The single-process answer for one algorithm's output on ``rank``."""
+    if name == "reduce_scatter":
+        return sum(value(r, n, dtype) for r in range(p)).tensor_split(p)[rank]
+    if name == "all_gather":
+        return torch.cat([value(r, n, dtype).tensor_split(p)[r] for r in range(p)])
+    return sum(value(r, n, dtype) for r in range(p))
+
+
+def test_every_algorithm_equals_one_process_and_torch(everything):
+    p, results = everything
+    for rank, (out, x2, _) in enumerate(results):
+        for (name, dtype, n), (got, want, _) in out.items():
             msg = f"{name} {dtype} n={n} rank {rank} of {p}"
-            if name == "reduce_scatter":
-                reference = reference.tensor_split(p)[rank]
-            if name == "all_gather":
-                reference = torch.cat([value(r, n, dtype).tensor_split(p)[r] for r in range(p)])
-            torch.testing.assert_close(got, reference, msg=msg)
+            torch.testing.assert_close(got, reference(name, dtype, n, p, rank), msg=msg)
             torch.testing.assert_close(got, want, msg=msg)
-            if name == "ring":
-                sizes = [c.numel() for c in torch.empty(n).tensor_split(p)]
-                item = torch.empty((), dtype=dtype).element_size()
-                assert sent == item * (2 * n - sizes[rank] - sizes[(rank + 1) % p]), msg
-                if n % p == 0:
-                    assert sent == 2 * (p - 1) * n * item // p, msg
-            if name == "naive":
-                assert sent == (p - 1 if rank == 0 else 1) * n * got.element_size(), msg
         torch.testing.assert_close(x2, sum(value(r, 12, torch.float32) for r in range(p))
                                    .reshape(3, 4))
+
+
+def test_ring_sends_every_chunk_but_its_own_twice(everything):
+    p, results = everything
+    for rank, (out, _, _) in enumerate(results):
+        for (name, dtype, n), (got, _, sent) in out.items():
+            if name != "ring":
+                continue
+            msg = f"{dtype} n={n} rank {rank} of {p}"
+            sizes = [c.numel() for c in torch.empty(n).tensor_split(p)]
+            item = torch.empty((), dtype=dtype).element_size()
+            assert sent == item * (2 * n - sizes[rank] - sizes[(rank + 1) % p]), msg
+            if n % p == 0:
+                assert sent == 2 * (p - 1) * n * item // p, msg
+
+
+def test_naive_root_sends_p_minus_one_copies_and_the_others_one(everything):
+    p, results = everything
+    for rank, (out, _, _) in enumerate(results):
+        for (name, dtype, n), (got, _, sent) in out.items():
+            if name == "naive":
+                assert sent == (p - 1 if rank == 0 else 1) * n * got.element_size(), (rank, n)
+
+
+def test_trace_records_each_ring_step_to_the_right_neighbour(everything):
+    p, results = everything
+    for rank, (_, _, trace) in enumerate(results):
         assert len(trace) == 2 * (p - 1)                    # one event per step
         assert [e["phase"] for e in trace] == ["reduce-scatter"] * (p - 1) + ["all-gather"] * (p - 1)
         assert all(e["rank"] == rank and e["dst"] == (rank + 1) % p for e in trace)
         assert trace[0]["chunk"] == (rank - 1) % p and trace[p - 1]["chunk"] == rank
-    if p == 4:
-        events = [e for _, _, trace in results for e in trace]
-        assert C.figure_timeline(events).data
 
 
 def bad_inputs():
@@ -123,20 +148,34 @@ def bad_inputs():
     return errors, x, y, z
 
 
-def test_bad_input_is_a_clear_error_on_every_rank_never_a_hang():
-    results = distlab.launch(bad_inputs, 3, timeout=60)
-    for rank, (errors, x, y, z) in enumerate(results):
-        for algo, got in z.items():
-            torch.testing.assert_close(got, torch.full((3,), 3.0), msg=algo)
-        assert len(z) == (0 if rank == 0 else 3)
+@pytest.fixture(scope="module")
+def refusals():
+    """One launch of 3 ranks: ``[(errors, x, y, z) for each rank]``."""
+    return distlab.launch(bad_inputs, 3, timeout=60)
+
+
+def test_mismatched_shapes_and_dtypes_are_named_rank_by_rank(refusals):
+    for errors, _, _, _ in refusals:
         for algo in ("ring", "recursive_doubling", "naive"):
             assert "same shape and dtype" in errors[f"{algo} shape"], errors
             assert "rank 1: (5,) torch.float32" in errors[f"{algo} shape"], errors
             assert "rank 2: (4,) torch.float64" in errors[f"{algo} dtype"], errors
+        assert "rank 2: (2, 4)" in errors["reduce_scatter shape"]
+
+
+def test_noncontiguous_tensors_and_non_tensors_are_refused(refusals):
+    for errors, _, _, _ in refusals:
+        for algo in ("ring", "recursive_doubling", "naive"):
             assert "contiguous" in errors[f"{algo} noncontiguous"]
             assert errors[f"{algo} not a tensor"].startswith("TypeError")
-        assert "rank 2: (2, 4)" in errors["reduce_scatter shape"]
-        assert errors["empty"] is None                  # an empty all-reduce is a no-op
+
+
+def test_an_empty_all_reduce_is_a_no_op(refusals):
+    assert all(errors["empty"] is None for errors, _, _, _ in refusals)
+
+
+def test_a_rank_outside_the_group_is_told_so_while_members_sum(refusals):
+    for rank, (errors, x, y, _) in enumerate(refusals):
         if rank == 2:
             assert "rank 2 is not in the group [0, 1]" in errors["not in group"]
             assert "not in the group" in errors["not in group rd"]
@@ -144,6 +183,13 @@ def test_bad_input_is_a_clear_error_on_every_rank_never_a_hang():
             assert errors["not in group"] is None and errors["not in group rd"] is None
             torch.testing.assert_close(x, torch.full((5,), 3.0))
             torch.testing.assert_close(y, torch.full((5,), 3.0))
+
+
+def test_a_group_of_ranks_1_and_2_addresses_peers_by_global_rank(refusals):
+    for rank, (_, _, _, z) in enumerate(refusals):
+        assert len(z) == (0 if rank == 0 else 3)
+        for algo, got in z.items():
+            torch.testing.assert_close(got, torch.full((3,), 3.0), msg=algo)
 
 
 def test_exercise_checker_accepts_the_solution_and_locates_mistakes():

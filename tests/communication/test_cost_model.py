@@ -26,6 +26,50 @@ def test_textbook_terms():
         cm.terms("tree", n, 4)
 
 
+@pytest.mark.parametrize("algorithm", cm.ALGORITHMS)
+def test_terms_refuse_a_world_of_no_ranks(algorithm):
+    with pytest.raises(ValueError, match="world_size=0 is out of range; allowed an int >= 1"):
+        cm.terms(algorithm, 1000, 0)
+
+
+@pytest.mark.parametrize("algorithm", cm.ALGORITHMS)
+def test_terms_refuse_negative_bytes(algorithm):
+    with pytest.raises(ValueError, match="nbytes=-5 is out of range; allowed a number of bytes >= 0"):
+        cm.terms(algorithm, -5, 4)
+
+
+def test_predict_refuses_negative_alpha_and_beta():
+    with pytest.raises(ValueError, match="alpha=-1e-05 is out of range"):
+        cm.predict("ring", 1000, 4, alpha=-1e-5, beta=1e-9)
+    with pytest.raises(ValueError, match="beta=-1e-09 is out of range"):
+        cm.predict("ring", 1000, 4, alpha=1e-5, beta=-1e-9)
+
+
+def test_fit_refuses_measurements_that_are_not_positive_times():
+    df = synthetic(50e-6, 1e-9)
+    df.loc[3, "time"] = 0.0
+    with pytest.raises(ValueError, match=r"fit: measurements.time=0.0 is out of range"):
+        cm.fit(df)
+    with pytest.raises(ValueError, match=r"relative_errors: measurements.time=0.0"):
+        cm.relative_errors(df, cm.fit(synthetic(50e-6, 1e-9)))
+
+
+def test_a_fit_with_a_negative_parameter_cannot_be_built():
+    with pytest.raises(ValueError, match="Fit.beta=-1.0 is out of range"):
+        cm.Fit("ring", alpha=0.0, beta=-1.0, median_error=0.0, max_error=0.0, num_points=1)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(repeats=0), "repeats=0 is out of range"),
+    (dict(world_sizes=(2, 0)), r"world_sizes=\(2, 0\): each must be an int"),
+    (dict(timeout=-1), "timeout=-1 is out of range"),
+    (dict(sizes=(2,)), r"sizes=\(2,\): each must be an int number of bytes"),
+])
+def test_measure_refuses_bad_settings_before_starting(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cm.measure(**kwargs)
+
+
 def synthetic(alpha, beta, noise=0.0, seed=0):
     rng = np.random.default_rng(seed)
     rows = [dict(algorithm=a, world_size=p, nbytes=n,
@@ -66,31 +110,3 @@ def test_measure_on_real_processes_and_the_injected_floor():
     fits = cm.fit(df)
     assert set(fits) == {"ring", "naive"}
     assert fits["ring"].alpha >= 0.5 * net.latency   # the machine adds its own on top
-    assert cm.figure_time_vs_size(df, fits).data
-
-
-def test_sweep_config_and_panel_start_validate_before_starting():
-    with pytest.raises(ValueError, match=r"SweepConfig.algorithm='tree' is unknown"):
-        cm.SweepConfig(algorithm="tree")
-    with pytest.raises(ValueError, match="SweepConfig.max_nbytes=100 is out of range"):
-        cm.SweepConfig(max_nbytes=100)
-    assert cm.SweepConfig(max_nbytes=1 << 20).sizes == [4096, 16384, 65536, 262144, 1 << 20]
-    with pytest.raises(ValueError, match="Network.bandwidth=0.0"):
-        cm.start_sweep(inject=True, bandwidth_gbit=0.0)
-    with pytest.raises(ValueError, match="repeats=0 is out of range"):
-        cm.measure(repeats=0)
-
-
-def test_sweep_reports_live_metrics():
-    run = cm.start_sweep(world_size=2, algorithm="naive", max_nbytes=16384, inject=True,
-                         latency_us=500, bandwidth_gbit=1.0)
-    run.result()
-    df = run.metrics()
-    assert sorted(df.nbytes.unique()) == [4096, 16384]
-    sent = df[df.nbytes == 16384].set_index("rank").bytes_sent_per_call
-    assert sent[0] == sent[1] == 16384
-    frame = cm.sweep_frame(df.assign(run="r"))
-    assert list(frame.columns) == ["run", "algorithm", "world_size", "nbytes", "time"]
-    # injected: 2 messages of latency 0.5 ms + 16 KiB at 1 Gbit/s each
-    assert frame.time.max() >= 0.9 * 2 * (500e-6 + 16384 * 8 / 1e9)
-    assert not math.isnan(frame.time.min())

@@ -13,15 +13,29 @@ from distlab.communication.netsim import Network
 pytestmark = pytest.mark.timeout(120)
 
 
-def test_delay_is_latency_plus_bytes_over_bandwidth_and_slow_links_are_slower():
-    net = Network(latency=1e-4, bandwidth=1e9, slow_rank=2, slow_factor=5)
-    assert net.delay(1_000_000, 0, 1) == pytest.approx(1e-4 + 1e-3)
-    assert net.delay(1_000_000, 0, 2) == pytest.approx(5 * (1e-4 + 1e-3))
-    assert net.delay(1_000_000, 2, 3) == pytest.approx(5 * (1e-4 + 1e-3))
-    assert (net.alpha, net.beta) == (1e-4, 1e-9)
-    assert net.all_reduce_delay(4000, 4) == pytest.approx(5 * (6e-4 + 6e-6))
-    assert net.all_reduce_delay(4000, 2) == pytest.approx(2e-4 + 4e-6)   # rank 2 not in it
-    assert "injected" in net.describe() and "rank 2's link 5× slower" in net.describe()
+SLOW = Network(latency=1e-4, bandwidth=1e9, slow_rank=2, slow_factor=5)
+
+
+def test_delay_is_latency_plus_bytes_over_bandwidth():
+    assert SLOW.delay(1_000_000, 0, 1) == pytest.approx(1e-4 + 1e-3)
+    assert (SLOW.alpha, SLOW.beta) == (1e-4, 1e-9)
+
+
+def test_messages_to_or_from_the_slow_rank_are_slower():
+    assert SLOW.delay(1_000_000, 0, 2) == pytest.approx(5 * (1e-4 + 1e-3))
+    assert SLOW.delay(1_000_000, 2, 3) == pytest.approx(5 * (1e-4 + 1e-3))
+
+
+def test_an_all_reduce_waits_for_the_slow_rank_only_when_it_takes_part():
+    assert SLOW.all_reduce_delay(4000, 4) == pytest.approx(5 * (6e-4 + 6e-6))
+    assert SLOW.all_reduce_delay(4000, 2) == pytest.approx(2e-4 + 4e-6)   # rank 2 not in it
+
+
+def test_describe_says_injected_and_names_the_slow_link():
+    assert "injected" in SLOW.describe() and "rank 2's link 5× slower" in SLOW.describe()
+
+
+def test_a_default_network_injects_nothing():
     assert not Network().injects and Network().delay(10**9, 0, 1) == 0
     assert Network(latency=1e-6).injects
 
@@ -43,6 +57,26 @@ def test_inject_sleeps():
 def test_bad_settings_name_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Network(**kwargs)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda net: net.delay(-5, 0, 1), "nbytes=-5 is out of range"),
+    (lambda net: net.delay(8, -1, 1), "Network.delay: src=-1 is out of range"),
+    (lambda net: net.delay(8, 0, 1.5), "Network.delay: dst=1.5 is out of range"),
+    (lambda net: net.all_reduce_delay(8, 0), "world_size=0 is out of range"),
+    (lambda net: net.all_reduce_delay(-8, 4), "nbytes=-8 is out of range"),
+    (lambda net: net.all_reduce_delay(8, 4, "tree"), "algorithm='tree' is unknown"),
+])
+def test_bad_message_sizes_and_ranks_are_refused_by_name(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(Network(latency=1e-4, bandwidth=1e9))
+
+
+def test_all_reduce_delay_is_the_alpha_beta_cost_of_each_algorithm():
+    from distlab.communication import alpha_beta
+    net = Network(latency=1e-4, bandwidth=1e9)
+    for name, cost in alpha_beta.COSTS.items():
+        assert net.all_reduce_delay(4000, 6, name) == pytest.approx(cost(4000, 6).time(1e-4, 1e-9))
 
 
 def timed_with_network(net):
