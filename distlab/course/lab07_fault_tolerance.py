@@ -27,10 +27,11 @@ import tempfile
 import pandas as pd
 import plotly.graph_objects as go
 
-from distlab.fault_tolerance.elastic import ElasticConfig, TrainConfig, resumable_worker, run_elastic, start_elastic
+from distlab.checks import is_int, is_number
+from distlab.fault_tolerance import elastic
+from distlab.fault_tolerance.elastic import ElasticConfig, TrainConfig
 from distlab.fault_tolerance.faults import Fault
-from distlab.launcher import start
-from distlab.data_parallel.sync_sgd import load_dataset
+from distlab.launcher import MAX_WORLD_SIZE, start
 
 ALGORITHMS = ("sync", "sync + elastic", "zero + elastic", "parameter server")
 EVENT_STYLE = {"failure": ("#d62728", "dash"), "detection": ("#ff7f0e", "dot"),
@@ -49,9 +50,9 @@ def parameter_server_config(fault: Fault, num_workers: int = 3, **kwargs):
     if fault.kind == "delay":
         raise ValueError("a delay on the parameter server is a straggler: use "
                          "ParameterServerConfig(slowdown=...) instead")
-    if not 1 <= fault.rank <= num_workers:
-        raise ValueError(f"fault.rank={fault.rank} must be a worker rank, 1..{num_workers} "
-                         "(rank 0 is the server)")
+    _check("num_workers", num_workers, is_int(num_workers) and num_workers >= 1, "an int >= 1")
+    _check("fault.rank", fault.rank, 1 <= fault.rank <= num_workers,
+           f"a worker rank, 1..{num_workers} (rank 0 is the server)")
     return ParameterServerConfig(num_workers=num_workers, drop_worker=fault.rank - 1,
                                  drop_at=max(1, fault.step), **kwargs)
 
@@ -63,13 +64,14 @@ def start_demo(algorithm: str = "sync + elastic", fault_kind: str = "kill", fail
     """Start one run of ``algorithm`` in which ``fault_kind`` hits ``fail_rank`` at ``fail_step``.
 
     Returns at once a :class:`distlab.Run` (``"sync"``, ``"parameter server"``) or a
-    :class:`~distlab.fault_tolerance.elastic.ElasticRun`; both work in a :class:`~distlab.ui.panel.RunPanel`.
+    :class:`~distlab.fault_tolerance.agent.ElasticRun`; both work in a :class:`~distlab.ui.panel.RunPanel`.
     Plain ``"sync"`` has no recovery: its run ends with a :class:`~distlab.WorkerError`.
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm={algorithm!r} is not allowed; use one of {ALGORITHMS}")
-    if not 0 <= fail_rank < world_size:
-        raise ValueError(f"fail_rank={fail_rank} must be in 0..{world_size - 1}")
+    _check_world_size(world_size)
+    _check("fail_rank", fail_rank, is_int(fail_rank) and 0 <= fail_rank < world_size,
+           f"an int in 0..{world_size - 1}")
     fault = Fault(fault_kind, rank=fail_rank, step=fail_step, seconds=2.0)
     if algorithm == "parameter server":
         from distlab.asynchronous import parameter_server
@@ -81,10 +83,10 @@ def start_demo(algorithm: str = "sync + elastic", fault_kind: str = "kill", fail
                          algorithm="zero" if algorithm.startswith("zero") else "sync",
                          num_steps=num_steps, checkpoint_every=checkpoint_every, fault=fault,
                          step_time=step_time)
-    if algorithm == "sync":
-        return start(resumable_worker, world_size, config, dataset=load_dataset(config.task),
-                     timeout=10, on_metrics=on_metrics, on_output=on_output)
-    return start_elastic(config, ElasticConfig(world_size=world_size, timeout=10),
+    if algorithm == "sync":     # one attempt, no agent: the failure ends the run
+        return start(elastic.train, world_size, config, timeout=10, on_metrics=on_metrics,
+                     on_output=on_output)
+    return elastic.start(config, ElasticConfig(world_size=world_size, timeout=10),
                          on_metrics=on_metrics, on_output=on_output, name=algorithm)
 
 
@@ -120,8 +122,9 @@ def timeline_figure(run, title: str = "loss against wall time, through a failure
 
 def young_interval(checkpoint_cost: float, mtbf: float) -> float:
     """Young's optimal checkpoint interval, ``sqrt(2 C M)``, in the units of its arguments."""
-    if checkpoint_cost < 0 or mtbf <= 0:
-        raise ValueError(f"need checkpoint_cost >= 0 and mtbf > 0, got {checkpoint_cost}, {mtbf}")
+    _check("checkpoint_cost", checkpoint_cost, is_number(checkpoint_cost) and checkpoint_cost >= 0,
+           "a number >= 0")
+    _check("mtbf", mtbf, is_number(mtbf) and mtbf > 0, "a number > 0")
     return math.sqrt(2 * checkpoint_cost * mtbf)
 
 
@@ -133,6 +136,11 @@ def lost_work_sweep(intervals=(2, 5, 10, 20), num_steps: int = 40, world_size: i
     run, seeded), restarts on the survivors and finishes. Per run: the time spent writing
     checkpoints, the steps redone and their time (lost work), and the downtime.
     """
+    _check("num_steps", num_steps, is_int(num_steps) and num_steps >= 2, "an int >= 2")
+    _check("intervals", intervals, len(intervals) > 0 and all(
+        is_int(i) and 1 <= i <= num_steps for i in intervals), f"ints in 1..{num_steps}")
+    _check_world_size(world_size)
+    TrainConfig("", checkpoint_every=0, step_time=step_time, seed=seed)  # checks those two
     draw = random.Random(seed)
     rows = []
     for interval in intervals:
@@ -140,7 +148,7 @@ def lost_work_sweep(intervals=(2, 5, 10, 20), num_steps: int = 40, world_size: i
         config = TrainConfig(tempfile.mkdtemp(prefix="distlab-ckpt-"), num_steps=num_steps,
                              checkpoint_every=interval, step_time=step_time,
                              fault=Fault("kill", rank=1, step=fail))
-        run = run_elastic(config, ElasticConfig(world_size=world_size, timeout=30))
+        run = elastic.run(config, ElasticConfig(world_size=world_size, timeout=30))
         s = run.summary()
         df = run.metrics().dropna(subset=["loss"])
         first = df[(df.attempt == 0) & (df["rank"] == 0)].sort_values("step")
@@ -184,7 +192,22 @@ def lost_work_figure(sweep: pd.DataFrame, num_steps: int) -> go.Figure:
 def expected_waste(interval: float, num_steps: int, checkpoint_cost: float,
                    step_time: float) -> float:
     """Young's model of the wasted seconds for one failure per job: ``(N/τ)·C + (τ/2)·t``."""
+    _check("interval", interval, is_number(interval) and interval > 0, "a number > 0")
+    for name, value in (("num_steps", num_steps), ("checkpoint_cost", checkpoint_cost),
+                        ("step_time", step_time)):
+        _check(name, value, is_number(value) and value >= 0, "a number >= 0")
     return num_steps / interval * checkpoint_cost + interval / 2 * step_time
+
+
+def _check_world_size(world_size) -> None:
+    _check("world_size", world_size, is_int(world_size) and 2 <= world_size <= MAX_WORLD_SIZE,
+           f"an int in 2..{MAX_WORLD_SIZE} (one rank fails, one at least survives)")
+
+
+def _check(name: str, value, ok: bool, allowed: str) -> None:
+    """Unless ``ok``, refuse the argument ``name``, naming its value and what is allowed."""
+    if not ok:
+        raise ValueError(f"{name}={value!r} is out of range; allowed {allowed}")
 
 
 __all__ = ["ALGORITHMS", "start_demo", "timeline_figure", "young_interval", "lost_work_sweep",

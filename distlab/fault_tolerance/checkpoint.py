@@ -27,6 +27,12 @@ one file per rank, so the ranks write into a *staging* folder, meet at a barrier
 miniature; ``torch.distributed.checkpoint`` likewise writes its metadata last). The
 previous ``keep - 1`` checkpoints are kept, so even a bad new one leaves an older one.
 
+A restarted run saves again the step it resumed from plus ``checkpoint_every``, which may
+already be committed (the attempt that died had saved it). The committed folder is then
+not deleted before the new one is in: it is first renamed aside to ``step_N.old``, which
+still counts as the checkpoint of step ``N`` until the new ``step_N`` is renamed in, and is
+deleted only after that. At every instant one whole checkpoint of the step is committed.
+
 Cost (alpha-beta model): two barriers, ``2·alpha·log p``, plus the disk write of the state
 (``bytes / disk bandwidth``); no tensor crosses the network.
 """
@@ -45,8 +51,9 @@ import torch
 import torch.distributed as dist
 
 from distlab import comm
+from distlab.checks import is_int
 
-_NAME = re.compile(r"^step_(\d{8})$")
+_NAME = re.compile(r"^step_(\d{8})(\.old)?$")   # step_N, or step_N.old (set aside)
 
 
 # ----------------------------------------------------------------------------------------
@@ -136,6 +143,8 @@ class Checkpoint:
 
 def path_for(directory: str, step: int) -> str:
     """The folder of the checkpoint of ``step`` inside ``directory``."""
+    if not (is_int(step) and 0 <= step < 10 ** 8):
+        raise ValueError(f"step={step!r} is out of range; allowed an int in 0..99999999")
     return os.path.join(directory, f"step_{step:08d}")
 
 
@@ -157,12 +166,12 @@ def save(directory: str, step: int, state: dict, rank_state: dict | None = None,
     Returns:
         The committed folder.
     """
-    if keep < 1:
-        raise ValueError(f"keep={keep} must be >= 1")
+    final = path_for(directory, step)    # checks step
+    if not (is_int(keep) and keep >= 1):
+        raise ValueError(f"keep={keep!r} is out of range; allowed an int >= 1")
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank(group) if distributed else 0
     world_size = dist.get_world_size(group) if distributed else 1
-    final = path_for(directory, step)
     staging = os.path.join(directory, f".staging_{os.path.basename(final)}")
 
     if rank == 0:   # a staging folder left by an earlier crash is garbage: start clean
@@ -179,21 +188,44 @@ def save(directory: str, step: int, state: dict, rank_state: dict | None = None,
     if distributed:
         comm.barrier(group)              # phase 2: every rank's file is on disk
     if rank == 0:
-        if os.path.exists(final):        # the same step saved again after a restart
-            shutil.rmtree(final)
-        os.replace(staging, final)       # the commit: one atomic rename
-        _fsync_dir(directory)
-        for old in committed(directory)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        _commit(staging, final)
+        for path in committed(directory)[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(_aside(path), ignore_errors=True)   # a leftover of a crashed commit
     return final
 
 
+def _commit(staging: str, final: str) -> None:
+    """Rename ``staging`` to ``final`` such that some whole checkpoint of the step is always
+    committed, even when ``final`` exists already (the same step saved again after a restart)."""
+    aside = _aside(final)
+    if os.path.exists(final):
+        shutil.rmtree(aside, ignore_errors=True)   # final is committed: aside is garbage
+        os.replace(final, aside)    # atomic; the old version still counts, as step_N.old
+    os.replace(staging, final)      # the commit: one atomic rename
+    _fsync_dir(os.path.dirname(os.path.abspath(final)))   # durable before the old one goes
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _aside(path: str) -> str:
+    # Where a committed checkpoint waits while its step is committed again.
+    return path if path.endswith(".old") else f"{path}.old"
+
+
 def committed(directory: str) -> list[str]:
-    """The committed checkpoint folders in ``directory``, oldest first (staging ignored)."""
+    """The committed checkpoint folders in ``directory``, one per step, oldest first.
+
+    Staging folders are ignored; ``step_N.old`` stands for step ``N`` only while there is
+    no ``step_N`` (a crash in the middle of committing step ``N`` again).
+    """
     if not os.path.isdir(directory):
         return []
-    names = sorted(n for n in os.listdir(directory) if _NAME.match(n))
-    return [os.path.join(directory, n) for n in names]
+    by_step: dict[int, str] = {}
+    for name in sorted(os.listdir(directory)):    # "step_N" sorts before "step_N.old"
+        match = _NAME.match(name)
+        if match:
+            by_step.setdefault(int(match.group(1)), os.path.join(directory, name))
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def latest(directory: str) -> str | None:
@@ -204,6 +236,8 @@ def latest(directory: str) -> str | None:
 
 def load(path: str, rank: int = 0) -> Checkpoint:
     """Load the checkpoint folder ``path`` as ``rank`` sees it."""
+    if not (is_int(rank) and rank >= 0):
+        raise ValueError(f"rank={rank!r} is out of range; allowed an int >= 0")
     meta = read(os.path.join(path, "state.pt"))
     rank_file = os.path.join(path, f"rank_{rank:04d}.pt")
     rank_state = read(rank_file) if os.path.exists(rank_file) else None
@@ -216,6 +250,8 @@ def load_latest(directory: str, rank: int = 0) -> Checkpoint | None:
     With atomic saves the newest always loads; the fallback guards against what atomicity
     cannot (a disk that returns bad bytes), at the price of more lost work.
     """
+    if not (is_int(rank) and rank >= 0):    # before the loop, which takes errors for bad files
+        raise ValueError(f"rank={rank!r} is out of range; allowed an int >= 0")
     for path in reversed(committed(directory)):
         try:
             return load(path, rank)

@@ -7,20 +7,24 @@ one dead machine stops the whole job (the launcher turns that into a
 1. **failure**: a rank dies (see :mod:`distlab.fault_tolerance.faults`);
 2. **detection**: the agent notices (here: the launcher sees the process exit; across
    machines a heartbeat or a collective's timeout);
-3. **restart**: the agent starts a new job on the ranks that are left, ``world_size - 1``;
-4. **resume**: every new rank loads the latest checkpoint (:mod:`distlab.fault_tolerance.checkpoint`) and
-   continues from its step. The steps since that checkpoint are done again: *lost work*.
+3. **restart**: the agent starts a new job on the ranks that are left, ``world_size - 1``
+   (:mod:`distlab.fault_tolerance.agent`);
+4. **resume**: every new rank loads the latest checkpoint
+   (:mod:`distlab.fault_tolerance.checkpoint`) and continues from its step. The steps since
+   that checkpoint are done again: *lost work*.
 
 This is what torchrun's elastic agent does (``torchrun --nnodes=MIN:MAX --max-restarts=K``,
-PyTorch's "Torch Distributed Elastic"): :func:`run_elastic` is the same loop around
-:func:`distlab.start`. The worker function, :func:`resumable_worker`, is also what a
-restarted torchrun worker runs: ``python -m distlab.fault_tolerance.elastic --help``.
+PyTorch's "Torch Distributed Elastic"): :func:`start` is the same loop around
+:func:`distlab.start`. The worker, :func:`train`, is also what a restarted torchrun worker
+runs: ``python -m distlab.fault_tolerance.elastic --help``.
 
-The job trains with a fixed *global* batch whose examples are dealt to the ranks, with the
-gradient summed across ranks and divided by the global batch size. Its result therefore does
-not depend on the number of ranks (up to float rounding), which is what makes shrinking
-the world harmless for the optimization. Cost per step: one all-reduce of the gradients,
-``2·alpha·log p + 2·(p-1)/p·n·beta`` (ring), as for :mod:`distlab.data_parallel.ddp`.
+The job trains with a fixed *global* batch whose examples are dealt to the ranks, and
+averages the gradients of each rank's share of the global batch's mean loss. Its result
+therefore does not depend on the number of ranks (up to float rounding), which is what
+makes shrinking the world harmless for the optimization: :func:`reference` is the same
+training on one process. Cost per step: one all-reduce of the gradients,
+``2·alpha·log p + 2·(p-1)/p·n·beta`` (ring), as for :mod:`distlab.data_parallel.ddp`, plus
+one of the loss for the curve (``2·alpha·log p``).
 """
 from __future__ import annotations
 
@@ -28,23 +32,23 @@ import argparse
 import datetime
 import os
 import random
-import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.distributed as dist
 
 from distlab import comm
-from distlab.fault_tolerance import checkpoint
-from distlab.problems import data
 from distlab.checks import is_int, is_number, require
+from distlab.data_parallel.ddp import average_gradients
+from distlab.data_parallel.sync_sgd import TRAIN_SIZES, build_task
+from distlab.fault_tolerance import checkpoint
+from distlab.fault_tolerance.agent import ElasticConfig, ElasticRun
 from distlab.fault_tolerance.faults import Fault
-from distlab.launcher import WorkerError, start
 from distlab.metrics import report
-from distlab.data_parallel.sync_sgd import SGD, TRAIN_SIZES, build_task, load_dataset
+from distlab.problems import data
+from distlab.sharding.zero import ShardedOptimizer
 
 ALGORITHMS = ("sync", "zero")
 
@@ -56,7 +60,7 @@ class TrainConfig:
     checkpoint_dir: str
     """Folder for the checkpoints, shared by the ranks (``""``: no checkpoints)."""
     algorithm: str = "sync"
-    """``"sync"``: all-reduce then a replicated optimizer; ``"zero"``: a sharded optimizer."""
+    """``"sync"``: a replicated ``torch.optim.SGD``; ``"zero"``: one sharded over the ranks."""
     task: str = "linear"
     """What to train, as in :func:`distlab.data_parallel.sync_sgd.build_task`: ``"linear"`` or ``"digits"``."""
     num_steps: int = 40
@@ -81,66 +85,48 @@ class TrainConfig:
     """Extra seconds of "compute" per step, so lost work is visible on a fast toy problem."""
 
     def __post_init__(self):
+        require(self, "checkpoint_dir", isinstance(self.checkpoint_dir, str), "a folder name")
         require(self, "algorithm", self.algorithm in ALGORITHMS, f"one of {ALGORITHMS}")
         require(self, "task", self.task in TRAIN_SIZES, f"one of {sorted(TRAIN_SIZES)}")
-        for name, low in (("num_steps", 1), ("batch_size", 1), ("checkpoint_every", 0),
-                          ("keep", 1), ("seed", 0)):
+        n = TRAIN_SIZES.get(self.task)
+        require(self, "batch_size", is_int(self.batch_size) and 1 <= self.batch_size <= n,
+                f"an int in 1..{n} (the examples of task={self.task!r})")
+        for name, low in (("num_steps", 1), ("checkpoint_every", 0), ("keep", 1), ("seed", 0)):
             v = getattr(self, name)
             require(self, name, is_int(v) and v >= low, f"an int >= {low}")
-        for name in ("lr", "noise", "step_time"):
+        require(self, "lr", is_number(self.lr) and self.lr > 0, "a number > 0")
+        for name in ("noise", "step_time"):
             v = getattr(self, name)
             require(self, name, is_number(v) and v >= 0, "a number >= 0")
         require(self, "momentum", is_number(self.momentum) and 0 <= self.momentum < 1,
                 "a number in [0, 1)")
-        if self.fault is not None and not isinstance(self.fault, Fault):
-            raise TypeError(f"fault must be a distlab.fault_tolerance.faults.Fault or None, got {self.fault!r}")
-        if self.checkpoint_every and not self.checkpoint_dir:
-            raise ValueError("checkpoint_every > 0 needs a checkpoint_dir")
+        require(self, "fault", self.fault is None or isinstance(self.fault, Fault),
+                "a distlab.fault_tolerance.faults.Fault or None")
+        require(self, "checkpoint_every", not (self.checkpoint_every and not self.checkpoint_dir),
+                "0 when there is no checkpoint_dir (checkpoint_every > 0 needs a checkpoint_dir)")
 
 
-def global_batch(n: int, step: int, batch_size: int, seed: int) -> torch.Tensor:
-    """The examples of ``step``: the sampler position is a pure function of the step."""
-    per_epoch = max(1, n // batch_size)
-    epoch, k = divmod(step, per_epoch)
-    order = data.shard_indices(n, 0, 1, epoch=epoch, seed=seed)   # the epoch's permutation
-    return order[k * batch_size:(k + 1) * batch_size]
+def start(config: TrainConfig, elastic: ElasticConfig | None = None, *, on_metrics=None,
+          on_output=None, name: str = "elastic") -> ElasticRun:
+    """Start an elastic job of :func:`train` and return at once: an :class:`ElasticRun`,
+    which restarts the job from its latest checkpoint after each failure."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    return ElasticRun(train, config, elastic or ElasticConfig(), on_metrics, on_output, name)
 
 
-class MomentumSGD(SGD):
-    """:class:`distlab.data_parallel.sync_sgd.SGD` (no TorchDynamo import, so workers restart fast) with the
-    ``state_dict``/``load_state_dict`` of a torch optimizer: its momentum buffers."""
+def run(config: TrainConfig, elastic: ElasticConfig | None = None, **launch) -> ElasticRun:
+    """Like :func:`start`, but wait for the end; return the finished :class:`ElasticRun`
+    (``.result()``, ``.metrics()``, ``.timeline()``, ``.summary()``).
 
-    def __init__(self, params, lr: float, momentum: float):
-        super().__init__(params, momentum)
-        self.lr = lr
-
-    def step(self) -> None:
-        super().step(self.lr)
-
-    def state_dict(self) -> dict:
-        return {"momentum_buffers": [None if b is None else b.clone() for b in self.buffers]}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.buffers = [None if b is None else b.clone() for b in state["momentum_buffers"]]
+    Raises :class:`~distlab.WorkerError` if the agent gives up.
+    """
+    job = start(config, elastic, **launch)
+    job.result()
+    return job
 
 
-def _optimizer(model, config: TrainConfig, group):
-    if config.algorithm == "zero":
-        from distlab.sharding.zero import ShardedOptimizer
-        return ShardedOptimizer(model.parameters(), torch.optim.SGD, group=group,
-                                lr=config.lr, momentum=config.momentum)
-    return MomentumSGD(model.parameters(), lr=config.lr, momentum=config.momentum)
-
-
-def _optimizer_state(optimizer, config: TrainConfig, group):
-    if config.algorithm == "zero":      # collective: the shards meet on rank 0
-        optimizer.consolidate_state_dict(to=0)
-        return optimizer.state_dict() if dist.get_rank(group) == 0 else None
-    return optimizer.state_dict()
-
-
-def resumable_worker(config: TrainConfig, attempt: int = 0, group=None,
-                     dataset: data.Dataset | None = None) -> dict:
+def train(config: TrainConfig, group=None, *, attempt: int = 0) -> dict:
     """Train ``config`` on this rank, resuming from the latest checkpoint if there is one.
 
     Reports ``loss`` every step, and ``event`` records (``"resume"``, ``"failure"``,
@@ -148,266 +134,145 @@ def resumable_worker(config: TrainConfig, attempt: int = 0, group=None,
 
     Args:
         config: the job.
-        attempt: 0 for the first run, k for the k-th restart (a fault fires in one attempt).
         group: the process group (None: the world).
-        dataset: the task's data, from :func:`distlab.data_parallel.sync_sgd.load_dataset` (sending it once
-            saves every worker a second of loading scikit-learn); None loads it here.
+        attempt: 0 for the first run, k for the k-th restart (a fault fires in one attempt).
 
     Returns:
         ``{"params": the final flat parameters, "history": [(step, loss)], "start_step"}``.
     """
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
-    task = build_task(config.task, config.seed, dataset)
-    ds, model, loss_fn = task.dataset, task.model, task.loss_fn
-    optimizer = _optimizer(model, config, group)
+    task = build_task(config.task, config.seed)
+    ds, model = task.dataset, task.model
     params = [p for p in model.parameters() if p.requires_grad]
-    start_step, history = 0, []
+    optimizer = _optimizer(params, config, group)
     torch.manual_seed(config.seed + rank)
     random.seed(config.seed + rank)
     np.random.seed(config.seed + rank)
-
-    ckpt = checkpoint.load_latest(config.checkpoint_dir, rank) if config.checkpoint_dir else None
-    if ckpt is not None:
-        model.load_state_dict(ckpt.state["model"])
-        optimizer.load_state_dict(ckpt.state["optimizer"])   # a sharded one reshards here
-        start_step, history = ckpt.step, list(ckpt.state["history"])
-        if ckpt.rank_state is not None and ckpt.world_size == world_size:
-            checkpoint.restore_rng(ckpt.rank_state["rng"])     # same ranks: exact resume
-    if ckpt is not None or attempt > 0:   # a restart without a checkpoint starts over
-        report(step=start_step, event="resume", world_size=world_size)
+    start_step, history = _resume(config, model, optimizer, rank, world_size, attempt)
 
     for step in range(start_step, config.num_steps):
-        if config.fault is not None and config.fault.fires(rank, step, "step", attempt):
-            report(step=step, event="failure")
-            config.fault.inject(rank, step, "step", attempt)
+        _fail_if_due(config, rank, step, "step", attempt)
         t = time.perf_counter()
         batch = global_batch(len(ds.y), step, config.batch_size, config.seed)
         mine = batch[data.shard_indices(len(batch), rank, world_size, shuffle=False)]
         X = ds.X[mine]
         if config.noise:
             X = X + config.noise * torch.randn_like(X)
-        # Sum over my examples / global batch: the all-reduced sum is the global mean.
-        loss = loss_fn(model(X), ds.y[mine], reduction="sum") / len(batch)
+        # My examples' share of the global batch's mean loss: the shares add up to it, so
+        # world_size * share averaged over the ranks is the global mean, however the batch
+        # was dealt (a rank with no example has no gradient, which counts as zeros).
+        share = task.loss_fn(model(X), ds.y[mine], reduction="sum") / len(batch)
         optimizer.zero_grad()
-        loss.backward()
-        flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.detach().reshape(1)])
-        comm.all_reduce(flat, group=group)   # one message: gradients and the loss
-        offset = 0
-        for p in params:                     # the summed gradient back into .grad
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+        (share * world_size).backward()
+        average_gradients(params, group)
         optimizer.step()
+        loss = share.detach().clone()
+        comm.all_reduce(loss, group=group)   # the global batch's loss, for the curve
         if config.step_time:
             time.sleep(max(0.0, config.step_time - (time.perf_counter() - t)))
-        history.append((step, flat[-1].item()))
-        report(step=step, loss=flat[-1].item())
+        history.append((step, loss.item()))
+        report(step=step, loss=loss.item())
 
         done = step + 1
         if config.checkpoint_every and done % config.checkpoint_every == 0:
-            t = time.perf_counter()
-            state = {"model": model.state_dict(), "history": history,
-                     "optimizer": _optimizer_state(optimizer, config, group),
-                     "sampler": {"epoch": done // max(1, len(ds.y) // config.batch_size),
-                                 "step": done}}
-
-            def halfway(step=done):
-                if config.fault is not None and config.fault.fires(rank, step, "save", attempt):
-                    report(step=step, event="failure")
-                    config.fault.inject(rank, step, "save", attempt)
-            checkpoint.save(config.checkpoint_dir, done, state if rank == 0 else None,
-                            {"rng": checkpoint.capture_rng()}, group=group, keep=config.keep,
-                            on_half_written=halfway)
-            report(step=done, event="checkpoint", checkpoint_time=time.perf_counter() - t)
+            _save(config, done, model, optimizer, history, len(ds.y), group, attempt)
     return {"params": torch.nn.utils.parameters_to_vector(model.parameters()).detach(),
             "history": history, "start_step": start_step}
 
 
-# ----------------------------------------------------------------------------------------
-# The elastic agent.
-# ----------------------------------------------------------------------------------------
+def reference(config: TrainConfig) -> dict:
+    """The same job on one process without a group: ``torch.optim.SGD`` with momentum on the
+    mean loss of each global batch, with no checkpoint and no fault.
 
-@dataclass(frozen=True)
-class ElasticConfig:
-    """How the agent restarts a failed job (torchrun: ``--nnodes=MIN:MAX --max-restarts``)."""
+    :func:`train` equals it on any number of ranks to float rounding (the gradient is
+    summed in another order), and a resumed run equals it too. With ``noise > 0`` every
+    rank draws its own noise, so only a one-rank run draws the same as this one.
 
-    world_size: int = 2
-    """Ranks of the first attempt."""
-    min_world_size: int = 1
-    """Give up rather than run on fewer ranks than this."""
-    max_restarts: int = 3
-    """Give up after this many restarts."""
-    timeout: float = 60.0
-    """Seconds an attempt may run; a hung rank is detected when it expires."""
-    shrink: bool = True
-    """Restart on the survivors (``world_size - 1``); False: on as many ranks as before."""
-
-    def __post_init__(self):
-        from distlab.launcher import MAX_WORLD_SIZE
-        for name, low in (("world_size", 1), ("min_world_size", 1), ("max_restarts", 0)):
-            v = getattr(self, name)
-            require(self, name, is_int(v) and v >= low, f"an int >= {low}")
-        if not self.min_world_size <= self.world_size <= MAX_WORLD_SIZE:
-            raise ValueError(f"world_size={self.world_size} must be in [min_world_size="
-                             f"{self.min_world_size}, {MAX_WORLD_SIZE}]")
-        require(self, "timeout", is_number(self.timeout) and self.timeout > 0, "seconds > 0")
-
-
-class ElasticRun:
-    """An elastic job in progress: a background agent that restarts it after each failure.
-
-    It answers like a :class:`distlab.Run` (``done``, ``wait``, ``result``, ``stop``,
-    ``metrics``, ``error``, ``world_size``), so a :class:`~distlab.ui.panel.RunPanel` drives
-    it. Record times are seconds since the *job* started, across attempts; every record
-    carries its ``attempt`` and ``world_size``. :attr:`events` is the timeline.
+    Returns:
+        ``{"params": the final flat parameters, "history": [(step, loss)]}``.
     """
-
-    def __init__(self, config: TrainConfig, elastic: ElasticConfig, on_metrics=None,
-                 on_output=None, name: str = "elastic"):
-        if not isinstance(config, TrainConfig) or not isinstance(elastic, ElasticConfig):
-            raise TypeError("ElasticRun needs a TrainConfig and an ElasticConfig")
-        self.config, self.elastic, self.name = config, elastic, name
-        self.world_size = elastic.world_size
-        self.events: list[dict] = []
-        self._records: list[dict] = []
-        self._on_metrics, self._on_output = on_metrics, on_output
-        self._lock = threading.Lock()
-        self._done = threading.Event()
-        self._results, self.error, self._current, self._stopped = None, None, None, False
-        self.t0 = time.time()
-        self._thread = threading.Thread(target=self._agent, daemon=True, name="distlab-elastic")
-        self._thread.start()
-
-    def _event(self, event: str, **info) -> None:
-        with self._lock:
-            self.events.append({"event": event, "time": time.time() - self.t0, **info})
-
-    def _relay(self, run_t0: float, attempt: int, world_size: int):
-        def on_metrics(records):
-            out = []
-            for r in records:
-                r = {**r, "time": r["time"] + run_t0 - self.t0, "attempt": attempt,
-                     "world_size": world_size}
-                if "event" in r:
-                    with self._lock:
-                        self.events.append(dict(r))
-                out.append(r)
-            with self._lock:
-                self._records.extend(out)
-            if self._on_metrics is not None:
-                self._on_metrics(out)
-        return on_metrics
-
-    def _agent(self):
-        world_size = self.elastic.world_size
-        try:
-            dataset = load_dataset(self.config.task)    # once, here, not in every worker
-            for attempt in range(self.elastic.max_restarts + 1):
-                if self._stopped:
-                    self.error = WorkerError(None, "stopped by the user")
-                    return
-                if attempt:
-                    self._event("restart", attempt=attempt, world_size=world_size)
-                t_start = time.time()
-                run = start(resumable_worker, world_size, self.config, attempt,
-                            dataset=dataset, timeout=self.elastic.timeout, on_output=self._on_output,
-                            on_metrics=self._relay(t_start, attempt, world_size))
-                self._current = run
-                run.wait()
-                if run.error is None:
-                    self._results = run.result()
-                    self._event("finish", attempt=attempt, world_size=world_size)
-                    return
-                if self._stopped or not isinstance(run.error, WorkerError):
-                    self.error = run.error
-                    return
-                self._event("detection", attempt=attempt, world_size=world_size,
-                            rank=run.error.rank, reason=run.error.reason)
-                if self.elastic.shrink:
-                    world_size -= 1
-                if world_size < self.elastic.min_world_size:
-                    self.error = WorkerError(run.error.rank, f"{run.error.reason}; only "
-                                             f"{world_size} rank(s) left, below min_world_size="
-                                             f"{self.elastic.min_world_size}")
-                    return
-            self.error = WorkerError(None, f"gave up after max_restarts="
-                                     f"{self.elastic.max_restarts} restarts")
-        except BaseException as e:  # noqa: BLE001 - the caller must hear of any agent bug
-            self.error = e
-        finally:
-            self._done.set()
-
-    # -- what distlab.Run offers ------------------------------------------------------
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
-
-    def stop(self, reason: str = "stopped by the user") -> None:
-        """Stop the current attempt and restart no more."""
-        self._stopped = True
-        if self._current is not None:
-            self._current.stop(reason)
-        self._done.wait(10)
-
-    def result(self) -> list:
-        """Wait; return the last attempt's per-rank results, or raise what ended the job."""
-        while not self._done.wait(0.05):
-            pass
-        if self.error is not None:
-            raise self.error
-        return self._results
-
-    def records(self) -> list[dict]:
-        with self._lock:
-            return list(self._records)
-
-    def metrics(self) -> pd.DataFrame:
-        """All attempts' records as a tidy frame (``time`` on the job's clock)."""
-        from distlab.metrics import to_frame
-        return to_frame(self.records(), run=self.name)
-
-    def timeline(self) -> pd.DataFrame:
-        """The events (start of attempts, failure, detection, restart, resume, checkpoint)."""
-        with self._lock:
-            return pd.DataFrame(self.events)
-
-    def summary(self) -> dict:
-        """Lost work of the first failure: steps redone, and seconds from failure to resume."""
-        ev = self.timeline()
-        get = lambda name: ev[ev.event == name].iloc[0] if (ev.event == name).any() else None
-        fail, resume = get("failure"), get("resume")
-        ckpt = ev[ev.event == "checkpoint"]
-        out = {"checkpoint_time": float(ckpt.groupby("step").checkpoint_time.max().sum())
-               if "checkpoint_time" in ckpt else 0.0, "restarts": int((ev.event == "restart").sum())}
-        if fail is not None and resume is not None:
-            out.update(failure_step=int(fail.step), resume_step=int(resume.step),
-                       lost_steps=int(fail.step - resume.step),
-                       downtime=float(resume.time - fail.time))
-        return out
-
-    def __repr__(self):
-        return f"<distlab.ElasticRun {self.name!r} {'done' if self.done else 'running'}>"
+    task = build_task(config.task, config.seed)
+    model, ds = task.model, task.dataset
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    torch.manual_seed(config.seed)
+    history = []
+    for step in range(config.num_steps):
+        idx = global_batch(len(ds.y), step, config.batch_size, config.seed)
+        X = ds.X[idx]
+        if config.noise:
+            X = X + config.noise * torch.randn_like(X)
+        loss = task.loss_fn(model(X), ds.y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append((step, loss.item()))
+    return {"params": torch.nn.utils.parameters_to_vector(model.parameters()).detach(),
+            "history": history}
 
 
-def start_elastic(config: TrainConfig, elastic: ElasticConfig | None = None, on_metrics=None,
-                  on_output=None, name: str = "elastic") -> ElasticRun:
-    """Start an elastic job and return at once (the non-blocking form of :func:`run_elastic`)."""
-    return ElasticRun(config, elastic or ElasticConfig(), on_metrics, on_output, name)
+def global_batch(n: int, step: int, batch_size: int, seed: int) -> torch.Tensor:
+    """The examples of ``step``: the sampler position is a pure function of the step, so a
+    resumed run sees exactly the batches the uninterrupted one would have."""
+    for name, value, low in (("n", n, 1), ("step", step, 0), ("batch_size", batch_size, 1),
+                             ("seed", seed, 0)):
+        if not (is_int(value) and value >= low):
+            raise ValueError(f"{name}={value!r} is out of range; allowed an int >= {low}")
+    per_epoch = max(1, n // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    order = data.shard_indices(n, 0, 1, epoch=epoch, seed=seed)   # the epoch's permutation
+    return order[k * batch_size:(k + 1) * batch_size]
 
 
-def run_elastic(config: TrainConfig, elastic: ElasticConfig | None = None,
-                **kwargs) -> ElasticRun:
-    """Run an elastic job to the end: restart from the latest checkpoint after each failure.
+# ----------------------------------------------------------------------------------------
+# Helpers of train: the optimizer, the resume, the save, the fault.
+# ----------------------------------------------------------------------------------------
 
-    Returns the finished :class:`ElasticRun` (``.result()``, ``.metrics()``, ``.timeline()``,
-    ``.summary()``). Raises :class:`~distlab.WorkerError` if it gives up.
-    """
-    run = start_elastic(config, elastic, **kwargs)
-    run.result()
-    return run
+def _optimizer(params, config: TrainConfig, group):
+    if config.algorithm == "zero":   # gradients arrive averaged: ZeRO stage 1's step alone
+        return ShardedOptimizer(params, torch.optim.SGD, group=group, lr=config.lr,
+                                momentum=config.momentum)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+
+
+def _resume(config: TrainConfig, model, optimizer, rank: int, world_size: int,
+            attempt: int) -> tuple[int, list]:
+    """Load the latest checkpoint into ``model`` and ``optimizer``; return (step, history)."""
+    ckpt = checkpoint.load_latest(config.checkpoint_dir, rank) if config.checkpoint_dir else None
+    start_step, history = 0, []
+    if ckpt is not None:
+        model.load_state_dict(ckpt.state["model"])
+        optimizer.load_state_dict(ckpt.state["optimizer"])   # momentum; ZeRO reshards here
+        start_step, history = ckpt.step, list(ckpt.state["history"])
+        if ckpt.rank_state is not None and ckpt.world_size == world_size:
+            checkpoint.restore_rng(ckpt.rank_state["rng"])     # same ranks: exact resume
+    if ckpt is not None or attempt > 0:   # a restart without a checkpoint starts over
+        report(step=start_step, event="resume", world_size=world_size)
+    return start_step, history
+
+
+def _save(config: TrainConfig, done: int, model, optimizer, history: list, n: int, group,
+          attempt: int) -> None:
+    """Checkpoint after ``done`` steps (collective: every rank calls it)."""
+    t = time.perf_counter()
+    rank = dist.get_rank(group)
+    if config.algorithm == "zero":      # collective: the shards meet on rank 0
+        optimizer.consolidate_state_dict(to=0)
+        optimizer_state = optimizer.state_dict() if rank == 0 else None
+    else:
+        optimizer_state = optimizer.state_dict()
+    state = {"model": model.state_dict(), "optimizer": optimizer_state, "history": history,
+             "sampler": {"epoch": done // max(1, n // config.batch_size), "step": done}}
+    checkpoint.save(config.checkpoint_dir, done, state if rank == 0 else None,
+                    {"rng": checkpoint.capture_rng()}, group=group, keep=config.keep,
+                    on_half_written=lambda: _fail_if_due(config, rank, done, "save", attempt))
+    report(step=done, event="checkpoint", checkpoint_time=time.perf_counter() - t)
+
+
+def _fail_if_due(config: TrainConfig, rank: int, step: int, where: str, attempt: int) -> None:
+    # Report the failure first: a killed rank says nothing afterwards.
+    if config.fault is not None and config.fault.fires(rank, step, where, attempt):
+        report(step=step, event="failure")
+        config.fault.inject(rank, step, where, attempt)
 
 
 # ----------------------------------------------------------------------------------------
@@ -415,14 +280,15 @@ def run_elastic(config: TrainConfig, elastic: ElasticConfig | None = None,
 # ----------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> None:
-    """Run :func:`resumable_worker` as a torchrun worker; a restarted worker resumes.
+    """Run :func:`train` as a torchrun worker; a restarted worker resumes.
 
     torchrun's agent restarts *every* worker when one fails (up to ``--max-restarts``) and
     tells them which attempt this is in ``TORCHELASTIC_RESTART_COUNT``; the workers find
     the latest checkpoint in ``--checkpoint-dir`` and continue from it.
     """
     from distlab.launcher import init_from_env
-    ap = argparse.ArgumentParser(prog="python -m distlab.fault_tolerance.elastic", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m distlab.fault_tolerance.elastic",
+                                 description=main.__doc__)
     ap.add_argument("--checkpoint-dir", required=True)
     ap.add_argument("--task", default="linear")
     ap.add_argument("--algorithm", default="sync")
@@ -450,10 +316,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         init_from_env("gloo")
     try:
-        result = resumable_worker(config, attempt)
+        result = train(config, attempt=attempt)
         if dist.get_rank() == 0:
-            print(f"distlab.fault_tolerance.elastic: attempt {attempt} resumed at step {result['start_step']}, "
-                  f"final loss {result['history'][-1][1]:.6f}", flush=True)
+            print(f"distlab.fault_tolerance.elastic: attempt {attempt} resumed at step "
+                  f"{result['start_step']}, final loss {result['history'][-1][1]:.6f}", flush=True)
             if args.out:
                 torch.save({**result, "attempt": attempt}, args.out)
     finally:

@@ -11,10 +11,10 @@ import torch
 import torch.distributed as dist
 
 import distlab
+from distlab.exercises import fault_tolerance as exercise
 from distlab.fault_tolerance import checkpoint
-from distlab.fault_tolerance.elastic import TrainConfig, resumable_worker
+from distlab.fault_tolerance.elastic import TrainConfig, train
 from distlab.fault_tolerance.faults import Fault
-from distlab.data_parallel.sync_sgd import load_dataset
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,7 +39,7 @@ def test_write_atomic_killed_halfway_keeps_the_previous_file(tmp_path):
     assert checkpoint.read(path) == {"step": 3}
 
 
-def test_rng_round_trip():
+def test_restored_rngs_draw_the_same_numbers_again():
     state = checkpoint.capture_rng()
     expected = (torch.rand(3), random.random(), np.random.rand())
     torch.manual_seed(123), random.seed(5), np.random.seed(7)
@@ -75,41 +75,88 @@ def test_distributed_save_prunes_and_survives_a_kill_during_the_write(tmp_path):
     assert checkpoint.load(checkpoint.latest(directory), rank=5).rank_state is None
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
+def _save_step_10_then_crash_while_saving_it_again(directory):
+    checkpoint.save(directory, 10, {"version": 1}, keep=1)
+    real_replace = os.replace
+
+    def crash_before_the_new_folder_is_renamed_in(src, dst):
+        if os.path.basename(src).startswith(".staging_"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_replace(src, dst)
+
+    os.replace = crash_before_the_new_folder_is_renamed_in   # this worker process only
+    checkpoint.save(directory, 10, {"version": 2}, keep=1)   # a restart saves step 10 again
 
 
-def _interrupted_then_resumed(config, world_size, fault, dataset):
+def test_a_crash_while_saving_a_committed_step_again_keeps_its_checkpoint(tmp_path):
+    directory = str(tmp_path / "ckpts")
+    with pytest.raises(distlab.WorkerError, match="SIGKILL"):
+        distlab.launch(_save_step_10_then_crash_while_saving_it_again, 1, directory, timeout=30)
+    c = checkpoint.load_latest(directory)           # keep=1: the only checkpoint there is
+    assert c is not None and (c.step, c.state) == (10, {"version": 1})
+    # The next save of that step commits the new version and leaves nothing aside.
+    checkpoint.save(directory, 10, {"version": 3}, keep=1)
+    c = checkpoint.load_latest(directory)
+    assert (c.step, c.state) == (10, {"version": 3})
+    assert sorted(os.listdir(directory)) == ["step_00000010"]
+
+
+def test_a_folder_left_aside_by_a_crash_after_the_commit_is_ignored_then_pruned(tmp_path):
+    old, new = str(tmp_path / "old"), str(tmp_path / "new")
+    checkpoint.save(old, 10, {"version": 1})
+    checkpoint.save(new, 10, {"version": 2})
+    # What a crash leaves right after committing step 10 again: the previous one aside.
+    shutil.copytree(checkpoint.path_for(old, 10), checkpoint.path_for(new, 10) + ".old")
+    assert checkpoint.committed(new) == [checkpoint.path_for(new, 10)]
+    assert checkpoint.load_latest(new).state == {"version": 2}
+    checkpoint.save(new, 20, {"version": 3}, keep=1)
+    assert sorted(os.listdir(new)) == ["step_00000020"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(step=-1), "step=-1"), (dict(step=2.0), "step=2.0"), (dict(keep=0), "keep=0"),
+    (dict(keep=True), "keep=True")])
+def test_save_refuses_a_bad_number_naming_it(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        checkpoint.save(str(tmp_path), **{"step": 1, "state": {}, **kwargs})
+    assert checkpoint.committed(str(tmp_path)) == []
+
+
+def test_load_refuses_a_bad_rank_naming_it(tmp_path):
+    checkpoint.save(str(tmp_path), 1, {})
+    for load in (checkpoint.load_latest, lambda d, rank: checkpoint.load(checkpoint.latest(d), rank)):
+        with pytest.raises(ValueError, match="rank=-1"):
+            load(str(tmp_path), rank=-1)
+
+
+def _interrupted_then_resumed(config, world_size, fault):
     with pytest.raises(distlab.WorkerError):
-        distlab.launch(resumable_worker, world_size, dataclasses.replace(config, fault=fault),
-                       dataset=dataset, timeout=60)
-    return distlab.launch(resumable_worker, world_size, config, 1, dataset=dataset, timeout=60)
+        distlab.launch(train, world_size, dataclasses.replace(config, fault=fault), timeout=60)
+    return distlab.launch(train, world_size, config, attempt=1, timeout=60)
 
 
-def test_sync_sgd_killed_and_resumed_equals_uninterrupted_exactly(tmp_path, digits):
+def test_sync_sgd_killed_and_resumed_equals_uninterrupted_exactly(tmp_path):
     # noise > 0: each rank draws from its RNG every step, so RNG state must be restored too.
     config = TrainConfig(str(tmp_path), task="digits", num_steps=30, checkpoint_every=10,
                          noise=0.05)
-    full = distlab.launch(resumable_worker, 2, dataclasses.replace(
-        config, checkpoint_dir="", checkpoint_every=0), dataset=digits)
-    resumed = _interrupted_then_resumed(config, 2, Fault("kill", rank=1, step=15), digits)
+    full = distlab.launch(train, 2, dataclasses.replace(
+        config, checkpoint_dir="", checkpoint_every=0))
+    resumed = _interrupted_then_resumed(config, 2, Fault("kill", rank=1, step=15))
     assert resumed[0]["start_step"] == 10
     for a, b in zip(full, resumed):
         torch.testing.assert_close(b["params"], a["params"], rtol=0, atol=0)
         assert b["history"] == a["history"]   # the loss curve continues exactly
 
 
-def test_zero_resumes_exactly_and_reshards_to_another_world_size(tmp_path, digits):
-    pytest.importorskip("distlab.sharding.zero")
+def test_zero_resumes_exactly_and_reshards_to_another_world_size(tmp_path):
     config = TrainConfig(str(tmp_path / "full"), algorithm="zero", task="digits", num_steps=30,
                          checkpoint_every=10, keep=3)
-    full = distlab.launch(resumable_worker, 2, config, dataset=digits, timeout=90)
+    full = distlab.launch(train, 2, config, timeout=90)
     # Resume from the checkpoint of step 10 alone, as if the run had died at step 15.
     shutil.copytree(checkpoint.path_for(config.checkpoint_dir, 10),
                     checkpoint.path_for(str(tmp_path / "at10"), 10))
-    resumed = distlab.launch(resumable_worker, 2, dataclasses.replace(
-        config, checkpoint_dir=str(tmp_path / "at10")), 1, dataset=digits, timeout=90)
+    resumed = distlab.launch(train, 2, dataclasses.replace(
+        config, checkpoint_dir=str(tmp_path / "at10")), attempt=1, timeout=90)
     assert resumed[0]["start_step"] == 10
     for a, b in zip(full, resumed):
         torch.testing.assert_close(b["params"], a["params"], rtol=0, atol=0)
@@ -117,8 +164,8 @@ def test_zero_resumes_exactly_and_reshards_to_another_world_size(tmp_path, digit
     # The consolidated optimizer state reshards: resume step 20 on one rank instead of two.
     shutil.copytree(checkpoint.path_for(config.checkpoint_dir, 20),
                     checkpoint.path_for(str(tmp_path / "at20"), 20))
-    (one,) = distlab.launch(resumable_worker, 1, dataclasses.replace(
-        config, checkpoint_dir=str(tmp_path / "at20")), 1, dataset=digits, timeout=90)
+    (one,) = distlab.launch(train, 1, dataclasses.replace(
+        config, checkpoint_dir=str(tmp_path / "at20")), attempt=1, timeout=90)
     assert one["start_step"] == 20 and one["history"][:20] == full[0]["history"][:20]
     # Same global batches, summed in another order: equal to float32 rounding.
     torch.testing.assert_close(one["params"], full[0]["params"])
@@ -141,12 +188,13 @@ def _no_fsync(obj, path):
     os.replace(path + ".tmp", path)
 
 
-def test_atomic_save_exercise_checker():
-    from distlab.exercises import fault_tolerance as ex
-    assert ex.check_atomic_save(ex.atomic_save).ok
-    verdict = ex.check_atomic_save(_in_place)
-    assert not verdict.ok and "checkpoint 1 is lost" in verdict.message
-    verdict = ex.check_atomic_save(_buffered_in_place)
-    assert not verdict.ok and "rewritten in place" in verdict.message
-    verdict = ex.check_atomic_save(_no_fsync)
-    assert not verdict.ok and "os.fsync" in verdict.message
+def test_the_exercise_checker_accepts_the_reference_solution():
+    assert exercise.check_atomic_save(exercise.atomic_save).ok
+
+
+@pytest.mark.parametrize("mistake, explanation", [
+    (_in_place, "checkpoint 1 is lost"), (_buffered_in_place, "rewritten in place"),
+    (_no_fsync, "os.fsync")])
+def test_the_exercise_checker_explains_each_unsafe_save(mistake, explanation):
+    verdict = exercise.check_atomic_save(mistake)
+    assert not verdict.ok and explanation in verdict.message

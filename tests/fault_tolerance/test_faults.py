@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import distlab
-from distlab.fault_tolerance.elastic import TrainConfig, resumable_worker
-from distlab.fault_tolerance.faults import Fault, InjectedFault, maybe_inject
+from distlab.fault_tolerance.elastic import TrainConfig, train
+from distlab.fault_tolerance.faults import Fault, InjectedFault, fail, maybe_inject
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,7 +39,7 @@ def test_sync_training_stops_with_a_clear_error_naming_the_rank(kind, reason):
     timeout = 20
     t = time.monotonic()
     with pytest.raises(distlab.WorkerError) as info:
-        distlab.launch(resumable_worker, 3, _sync(Fault(kind, rank=2, step=5)), timeout=timeout)
+        distlab.launch(train, 3, _sync(Fault(kind, rank=2, step=5)), timeout=timeout)
     assert time.monotonic() - t < timeout + 5        # detected, never a hang
     assert info.value.rank == 2 and reason in info.value.reason
 
@@ -50,15 +50,20 @@ def test_a_hung_rank_is_detected_by_the_timeout():
     with pytest.raises(distlab.WorkerError, match="(?i)timed out"):
         # Either the launcher's deadline or the peer's collective timeout (gloo's, set to the
         # same 4 s) fires first; both name the hang instead of waiting forever.
-        distlab.launch(resumable_worker, 2, _sync(Fault("hang", rank=0, step=3)), timeout=timeout)
+        distlab.launch(train, 2, _sync(Fault("hang", rank=0, step=3)), timeout=timeout)
     assert time.monotonic() - t < timeout + 5
 
 
 def test_a_delayed_rank_slows_every_rank_of_sync_training_and_changes_nothing_else():
-    ref = distlab.launch(resumable_worker, 2, _sync(None))
-    slow = distlab.start(resumable_worker, 2, _sync(Fault("delay", rank=1, step=10, seconds=1.0)))
+    ref = distlab.launch(train, 2, _sync(None))
+    slow = distlab.start(train, 2, _sync(Fault("delay", rank=1, step=10, seconds=1.0)))
     out = slow.result()
     df = slow.metrics().dropna(subset=["loss"]).set_index(["rank", "step"]).time
     for rank in (0, 1):        # rank 0 waits in the all-reduce for its slow peer
         assert df[rank, 10] - df[rank, 9] >= 0.9
     torch.testing.assert_close(out[0]["params"], ref[0]["params"], rtol=0, atol=0)
+
+
+def test_fail_refuses_a_bad_number_of_seconds_naming_it():
+    with pytest.raises(ValueError, match="seconds=-1"):
+        fail("delay", seconds=-1)
