@@ -58,7 +58,13 @@ class WorkerProcess(mp.context.ForkServerProcess):
 
 
 def warm_up() -> None:
-    """Start the forkserver (and import torch in it) now, so the first launch is fast."""
-    from multiprocessing import forkserver
+    """Start the forkserver and wait until it has imported torch, so the next launch is fast.
+
+    Starting the server returns at once, while it is still importing (seconds on a loaded
+    machine); forking one empty process through it waits for that, so a launch with a short
+    timeout right after ``warm_up()`` never pays the import.
+    """
+    probe = WorkerProcess(target=int, name="distlab-warm-up", daemon=True)
     context()
-    forkserver.ensure_running()
+    probe.start()
+    probe.join()
