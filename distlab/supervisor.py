@@ -85,17 +85,20 @@ class Run:
         self.t0 = time.time()
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._procs, self._msg, self._out = [], {}, {}
+        self._lifelines = []   # write ends held by this process only: see worker._watch_launcher
         try:
             for rank in range(world_size):
+                life_r, life_w = ctx.Pipe(duplex=False)
+                self._lifelines.append(life_w)
                 msg_r, msg_w = ctx.Pipe(duplex=False)
                 out_r, out_w = ctx.Pipe(duplex=False)
                 err_r, err_w = ctx.Pipe(duplex=False)
                 p = WorkerProcess(target=_worker_main, name=f"distlab-rank{rank}", daemon=True,
                                 args=(rank, world_size, self.backend, store_path, payload,
-                                      msg_w, out_w, err_w, self.t0, timeout, num_threads,
-                                      list(sys.path)))
+                                      msg_w, out_w, err_w, life_r, self.t0, timeout,
+                                      num_threads, list(sys.path)))
                 p.start()
-                for c in (msg_w, out_w, err_w):   # the child has its own copies now
+                for c in (msg_w, out_w, err_w, life_r):   # the child has its own copies now
                     c.close()
                 self._procs.append(p)
                 self._msg[msg_r] = rank
@@ -243,8 +246,9 @@ class Run:
 
     def _cleanup(self):
         shutil.rmtree(self._tmpdir, ignore_errors=True)
-        for conn in list(self._msg) + list(self._out):
+        for conn in list(self._msg) + list(self._out) + self._lifelines:
             conn.close()
+        self._lifelines.clear()
         self._msg.clear()
         self._out.clear()
 

@@ -71,10 +71,29 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+def _watch_launcher(lifeline) -> None:
+    """End this worker as soon as the launching process is gone, whatever this rank is doing.
+
+    The launcher holds the only write end of ``lifeline`` and never writes to it: the read
+    below returns (EOF) only when that process has exited or been killed (``kill -9``, the
+    OOM killer). This is quicker than waiting for the forkserver to exit, which a loaded
+    machine can take seconds over.
+    """
+    def watch():
+        try:
+            lifeline.recv_bytes()
+        except (EOFError, OSError):
+            pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="distlab-lifeline", daemon=True).start()
+
+
 def _worker_main(rank, world_size, backend, store_path, payload, conn, out_w, err_w,
-                 t0, timeout, num_threads, sys_path):
+                 lifeline, t0, timeout, num_threads, sys_path):
     global _channel
     _die_with_parent()
+    _watch_launcher(lifeline)
     # Route fds 1 and 2 (Python prints and C++ logs alike) to the caller.
     os.dup2(out_w.fileno(), 1)
     os.dup2(err_w.fileno(), 2)
