@@ -24,7 +24,6 @@ import torch.nn.functional as F
 import distlab
 from distlab.data_parallel import ddp as data_parallel
 from distlab.problems import models
-from distlab.data_parallel.sync_sgd import SGD
 
 VARIANTS = ["torch DDP", "naive", "flat", "overlap", "bucketed"]
 
@@ -44,7 +43,7 @@ def worker(hidden, batch_size, rounds, steps, bucket_size_mb):
     runs = {}
     for name in VARIANTS:
         model = _wrap(name, models.mlp(512, hidden, 10, depth=3, seed=0), bucket_size_mb)
-        runs[name] = (model, SGD(model.parameters()))
+        runs[name] = (model, torch.optim.SGD(model.parameters(), lr=0.01))
     times = {name: [] for name in VARIANTS}
     for r in range(rounds + 1):                      # round 0 warms up every variant
         for name in VARIANTS:
@@ -55,7 +54,7 @@ def worker(hidden, batch_size, rounds, steps, bucket_size_mb):
                 opt.zero_grad()
                 F.cross_entropy(model(X), y).backward()
                 model.finish_gradient_synchronization()
-                opt.step(0.01)
+                opt.step()
                 step = torch.tensor([time.perf_counter() - t0])
                 dist.all_reduce(step, op=dist.ReduceOp.MAX)   # the slowest rank sets the pace
                 if r > 0:

@@ -26,12 +26,17 @@ Distributed", VLDB, section 3) and build it up naive to optimized:
 (The ring all-reduce costs 2(p-1) latency terms alpha and moves 2(p-1)/p of the bytes per rank.)
 
 The conventions every wrapper shares, as in DDP: the wrapped model is ``.module``; building
-the wrapper broadcasts rank 0's parameters and buffers; parameters with
-``requires_grad=False`` are left alone; a parameter shared by several layers (tied weights)
-is averaged once; :meth:`no_sync` accumulates gradients locally; call
+the wrapper broadcasts rank 0's parameters and buffers, and (``broadcast_buffers=True``, the
+default) every forward that will be synchronized broadcasts rank 0's buffers again (alpha +
+n·beta per buffer tensor), so BatchNorm's running statistics are rank 0's everywhere;
+parameters with ``requires_grad=False`` are left alone; a parameter shared by several layers
+(tied weights) is averaged once; a parameter this rank's forward did not use (a branch its
+data did not take) contributes zeros, so every rank issues the same collectives in the same
+order; :meth:`no_sync` accumulates gradients locally; call
 :meth:`finish_gradient_synchronization` after ``backward()`` and before ``optimizer.step()``.
-Any ``torch.optim`` optimizer then works unchanged. All communication goes through
-:mod:`distlab.comm`, so bytes and time are counted.
+Any ``torch.optim`` optimizer then works unchanged. Every buffer is allocated on its
+parameters' device. All communication goes through :mod:`distlab.comm`, so bytes and time
+are counted. Sparse gradients (``nn.Embedding(sparse=True)``) are refused at construction.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distlab import comm
+from distlab.checks import is_number, require
 
 
 def broadcast_module(module: nn.Module, group=None) -> None:
@@ -50,10 +56,7 @@ def broadcast_module(module: nn.Module, group=None) -> None:
 
     Cost: one broadcast per tensor, (alpha + n·beta) each with a tree or pipeline.
     """
-    src = 0 if group is None else dist.get_global_rank(group, 0)
-    with torch.no_grad():
-        for t in list(module.parameters()) + list(module.buffers()):
-            comm.broadcast(t.data, src=src, group=group)
+    _broadcast(list(module.parameters()) + list(module.buffers()), group)
 
 
 def average_gradients(params, group=None) -> None:
@@ -88,8 +91,13 @@ def average_gradients(params, group=None) -> None:
 class _DDP(nn.Module):
     """What every variant shares: the conventions above; subclasses say how to average."""
 
-    def __init__(self, module: nn.Module, group=None):
-        super().__init__()
+    def __init__(self, module: nn.Module, group=None, broadcast_buffers: bool = True):
+        super().__init__()   # no communication yet: every argument is checked first
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        self.broadcast_buffers = broadcast_buffers
+        require(self, "broadcast_buffers", isinstance(broadcast_buffers, bool), "True or False")
+        _refuse_sparse_gradients(module)
         self.module = module
         self.group = group
         self.world_size = dist.get_world_size(group)
@@ -103,6 +111,8 @@ class _DDP(nn.Module):
     def forward(self, *args, **kwargs):
         if torch.is_grad_enabled():   # like DDP, the forward decides whether backward syncs
             self._grad_sync = self._sync_enabled
+            if self._grad_sync and self.broadcast_buffers:   # rank 0's running statistics
+                _broadcast(self.module.buffers(), self.group)   # one broadcast per buffer
         return self.module(*args, **kwargs)
 
     @contextlib.contextmanager
@@ -171,44 +181,92 @@ class FlatDDP(_DDP):
                                 "bytes": sum(comm.nbytes(p.grad) for p in self.params)})
 
 
-class OverlapDDP(_DDP):
-    """Launch each parameter's all-reduce asynchronously as soon as its gradient is final.
+class _Overlapped(_DDP):
+    """All-reduces launched from backward hooks, in one fixed order of buckets.
 
     ``register_post_accumulate_grad_hook`` fires once per parameter when backward has
-    accumulated its whole gradient (once for a tied parameter, after both uses), so the
-    last layers' gradients travel while the first layers' are still being computed.
+    accumulated its whole gradient (once for a tied parameter, after both uses). gloo and
+    NCCL pair collectives by the order they are issued, but ranks whose forwards took
+    different branches finish different gradients in different orders. So a bucket is
+    launched only once it *and every bucket before it* are complete: the order is fixed, the
+    same on every rank. Gradients this rank's backward never reached are zero-filled in
+    :meth:`finish_gradient_synchronization` and the rest launched there, in the same order.
+    When every rank uses every parameter, the fixed order (reverse registration) is roughly
+    backward's own, and communication still overlaps backward.
     """
 
-    def __init__(self, module: nn.Module, group=None):
-        super().__init__(module, group)
-        self._works: list = []
-        self._launched: set[int] = set()
+    def __init__(self, module: nn.Module, group, broadcast_buffers: bool, bucket_of):
+        super().__init__(module, group, broadcast_buffers)
+        self.buckets: list[list[torch.Tensor]] = bucket_of(self.params[::-1])
+        self._bucket = {id(p): b for b, ps in enumerate(self.buckets) for p in ps}
+        self._reset()
         for p in self.params:
             p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
+    def _reset(self) -> None:
+        self._pending = [len(ps) for ps in self.buckets]   # gradients each bucket awaits
+        self._ready: set[int] = set()                      # parameters whose gradient is final
+        self._next = 0                                     # next bucket to launch
+        self._works: list = []
+
     def _on_grad_ready(self, p: torch.Tensor) -> None:
         if self._grad_sync:
-            self._works.append(self._all_reduce(p.grad, async_op=True))
-            self._launched.add(id(p))
+            self._mark_ready(p)
+
+    def _mark_ready(self, p: torch.Tensor) -> None:
+        if id(p) in self._ready:
+            raise RuntimeError("a gradient became ready twice before "
+                               "finish_gradient_synchronization(): two backward passes were "
+                               "synchronized at once; accumulate micro-batches inside no_sync()")
+        self._ready.add(id(p))
+        self._pending[self._bucket[id(p)]] -= 1
+        while self._next < len(self.buckets) and self._pending[self._next] == 0:
+            self._works.append(self._launch(self._next))
+            self._next += 1
 
     def finish_gradient_synchronization(self) -> None:
         if not self._grad_sync:
             return
-        for p in self.params:   # parameters no hook saw (unused in this forward)
-            if id(p) not in self._launched:
-                self._works.append(self._all_reduce(self._grad(p), async_op=True))
-        for work in self._works:
+        for p in self.params:   # not reached by this rank's backward: zeros, same order
+            if id(p) not in self._ready:
+                self._grad(p)
+                self._mark_ready(p)
+        for b, work in enumerate(self._works):
             work.wait()
-        self._works, self._launched = [], set()
+            self._unpack(b)
+        self._reset()
+
+    def _launch(self, b: int):
+        """Start the all-reduce of bucket ``b``; return its work handle."""
+        raise NotImplementedError
+
+    def _unpack(self, b: int) -> None:
+        """Put bucket ``b``'s averaged gradients back into ``.grad`` (once it has arrived)."""
 
 
-class BucketedDDP(_DDP):
+class OverlapDDP(_Overlapped):
+    """Launch each parameter's all-reduce asynchronously as soon as its gradient is final.
+
+    The last layers' gradients travel while the first layers' are still being computed.
+    Each parameter is its own bucket, launched in reverse registration order (see
+    :class:`_Overlapped` for why the order is fixed).
+    """
+
+    def __init__(self, module: nn.Module, group=None, broadcast_buffers: bool = True):
+        super().__init__(module, group, broadcast_buffers,
+                         bucket_of=lambda params: [[p] for p in params])
+
+    def _launch(self, b: int):
+        return self._all_reduce(self.buckets[b][0].grad, async_op=True)
+
+
+class BucketedDDP(_Overlapped):
     """Overlap with buckets: what ``torch.nn.parallel.DistributedDataParallel`` does.
 
     Parameters are grouped, in reverse registration order (roughly the order backward
-    produces their gradients), into buckets of about ``bucket_size_mb``. A gradient is
-    copied into its bucket's flat buffer when ready; a full bucket is all-reduced
-    asynchronously. Buckets are launched strictly in bucket order so that every rank issues
+    produces their gradients), into buckets of about ``bucket_size_mb`` of one dtype and
+    device. Once a bucket's gradients are all final, they are copied into its flat buffer
+    and it is all-reduced asynchronously, strictly in bucket order so that every rank issues
     the same collectives in the same order. As in DDP, a bucket closes once it holds
     ``bucket_size_mb`` (so it can exceed it by one tensor), and the first closes at 1 MiB.
     Small buckets start communicating earlier; large ones pay fewer latencies (Li et al.
@@ -218,74 +276,44 @@ class BucketedDDP(_DDP):
         module: the model, the same architecture on every rank.
         group: the process group (None: the world).
         bucket_size_mb: the largest bucket, in MiB (DDP's ``bucket_cap_mb``, default 25).
+        broadcast_buffers: broadcast rank 0's buffers at every synchronized forward.
     """
 
-    def __init__(self, module: nn.Module, group=None, bucket_size_mb: float = 25.0):
-        if not bucket_size_mb > 0:
-            raise ValueError(f"bucket_size_mb={bucket_size_mb!r} must be > 0")
-        super().__init__(module, group)
-        self.bucket_size_mb = bucket_size_mb
+    def __init__(self, module: nn.Module, group=None, bucket_size_mb: float = 25.0,
+                 broadcast_buffers: bool = True):
+        self.bucket_size_mb = bucket_size_mb   # checked before the base class communicates
+        require(self, "bucket_size_mb", is_number(bucket_size_mb) and bucket_size_mb > 0,
+                "a number > 0 (MiB)")
+        super().__init__(module, group, broadcast_buffers, bucket_of=self._fill_buckets)
+        # Flat buffers on the parameters' device (NCCL takes only GPU tensors).
+        self._flat = [torch.zeros(sum(p.numel() for p in ps), dtype=ps[0].dtype,
+                                  device=ps[0].device) for ps in self.buckets]
+
+    def _fill_buckets(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         # As DDP: a bucket closes once it holds bucket_size_mb; the first one (the last
         # layers, whose gradients are ready first) closes at 1 MiB, so traffic starts early.
-        caps = [min(1.0, bucket_size_mb) * 2 ** 20, bucket_size_mb * 2 ** 20]
-        self.buckets: list[list[torch.Tensor]] = [[]]
+        caps = [min(1.0, self.bucket_size_mb) * 2 ** 20, self.bucket_size_mb * 2 ** 20]
+        buckets: list[list[torch.Tensor]] = [[]]
         size = 0
-        for p in reversed(self.params):
-            if self.buckets[-1] and p.dtype != self.buckets[-1][0].dtype:
-                self.buckets.append([])
+        for p in params:
+            if buckets[-1] and (p.dtype, p.device) != (buckets[-1][0].dtype, buckets[-1][0].device):
+                buckets.append([])
                 size = 0
-            self.buckets[-1].append(p)
+            buckets[-1].append(p)
             size += p.numel() * p.element_size()
-            if size >= caps[min(len(self.buckets) - 1, 1)]:
-                self.buckets.append([])
+            if size >= caps[min(len(buckets) - 1, 1)]:
+                buckets.append([])
                 size = 0
-        self.buckets = [ps for ps in self.buckets if ps]
-        self._where = {id(p): (b, i) for b, ps in enumerate(self.buckets)
-                       for i, p in enumerate(ps)}
-        self._buffers = [torch.zeros(sum(p.numel() for p in ps), dtype=ps[0].dtype)
-                         for ps in self.buckets]
-        self._offsets = [[0] + torch.tensor([p.numel() for p in ps]).cumsum(0).tolist()
-                         for ps in self.buckets]
-        self._reset()
-        for p in self.params:
-            p.register_post_accumulate_grad_hook(self._on_grad_ready)
+        return [ps for ps in buckets if ps]
 
-    def _reset(self):
-        self._pending = [len(ps) for ps in self.buckets]   # gradients each bucket awaits
-        self._ready: set[int] = set()                      # parameters copied in
-        self._next = 0                                     # next bucket to launch
-        self._works: list = []
+    def _launch(self, b: int):
+        torch.cat([p.grad.reshape(-1) for p in self.buckets[b]], out=self._flat[b])   # (n_b,)
+        return self._all_reduce(self._flat[b], async_op=True)
 
-    def _copy_in(self, p: torch.Tensor, grad: torch.Tensor) -> None:
-        b, i = self._where[id(p)]
-        lo, hi = self._offsets[b][i], self._offsets[b][i + 1]
-        self._buffers[b][lo:hi].copy_(grad.reshape(-1))
-        self._pending[b] -= 1
-        self._ready.add(id(p))
-
-    def _launch_ready(self) -> None:
-        while self._next < len(self.buckets) and self._pending[self._next] == 0:
-            self._works.append(self._all_reduce(self._buffers[self._next], async_op=True))
-            self._next += 1
-
-    def _on_grad_ready(self, p: torch.Tensor) -> None:
-        if self._grad_sync:
-            self._copy_in(p, p.grad)
-            self._launch_ready()
-
-    def finish_gradient_synchronization(self) -> None:
-        if not self._grad_sync:
-            return
-        for p in self.params:   # parameters no hook saw (unused in this forward)
-            if id(p) not in self._ready:
-                self._copy_in(p, self._grad(p))
-        self._launch_ready()
-        for b, work in enumerate(self._works):
-            work.wait()
-            for i, p in enumerate(self.buckets[b]):
-                lo, hi = self._offsets[b][i], self._offsets[b][i + 1]
-                p.grad.copy_(self._buffers[b][lo:hi].view_as(p))
-        self._reset()
+    def _unpack(self, b: int) -> None:
+        parts = self._flat[b].split([p.numel() for p in self.buckets[b]])
+        for p, part in zip(self.buckets[b], parts):
+            p.grad.copy_(part.view_as(p))
 
 
 VARIANTS = {"naive": NaiveDDP, "flat": FlatDDP, "overlap": OverlapDDP, "bucketed": BucketedDDP}
@@ -293,10 +321,28 @@ VARIANTS = {"naive": NaiveDDP, "flat": FlatDDP, "overlap": OverlapDDP, "bucketed
 
 
 def wrap(module: nn.Module, variant: str = "bucketed", group=None,
-         bucket_size_mb: float = 25.0) -> _DDP:
+         bucket_size_mb: float = 25.0, broadcast_buffers: bool = True) -> _DDP:
     """Wrap ``module`` in the data-parallel ``variant`` (a key of :data:`VARIANTS`)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r} is not known; use one of {sorted(VARIANTS)}")
     if variant == "bucketed":
-        return BucketedDDP(module, group, bucket_size_mb=bucket_size_mb)
-    return VARIANTS[variant](module, group)
+        return BucketedDDP(module, group, bucket_size_mb=bucket_size_mb,
+                           broadcast_buffers=broadcast_buffers)
+    return VARIANTS[variant](module, group, broadcast_buffers=broadcast_buffers)
+
+
+def _broadcast(tensors, group) -> None:
+    """Overwrite every tensor with the group's rank 0's, in place, one broadcast each."""
+    src = 0 if group is None else dist.get_global_rank(group, 0)
+    with torch.no_grad():
+        for t in tensors:
+            comm.broadcast(t.data, src=src, group=group)
+
+
+def _refuse_sparse_gradients(module: nn.Module) -> None:
+    for name, m in module.named_modules():
+        if getattr(m, "sparse", False) is True:
+            raise ValueError(f"{name or type(m).__name__} ({type(m).__name__}(sparse=True)) "
+                             "produces sparse gradients, which these wrappers do not average; "
+                             "use sparse=False (dense gradients), or torch's "
+                             "DistributedDataParallel")

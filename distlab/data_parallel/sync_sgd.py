@@ -5,12 +5,12 @@ Each step, every rank takes its own ``batch_size`` examples (a disjoint shard, d
 averages the gradients with a wrapper of :mod:`distlab.data_parallel.ddp`, and takes the same
 SGD step. With equal shard sizes the averaged gradient is exactly the gradient of the mean
 loss over the global batch of ``world_size * batch_size`` examples, so the run equals
-single-process SGD on that global batch (:func:`train_reference`), to float32 rounding::
+single-process SGD on that global batch (:func:`reference`), to float32 rounding::
 
     (1/p) sum_r (1/B) sum_{i in S_r} grad l_i  =  (1/(pB)) sum_{i in S_1 u ... u S_p} grad l_i
 
-(Summing instead of averaging, or using a sum loss, multiplies the step by ``p``: the seed's
-linear regression diverged for that reason.)
+Summing instead of averaging, or using a sum loss, multiplies the step by ``p``: the linear
+regression then diverges as ranks are added.
 
 Large batches: with a fixed per-rank batch, adding ranks multiplies the global batch by
 ``p``. The linear scaling rule multiplies the learning rate by ``p`` too, after a gradual
@@ -20,12 +20,15 @@ warmup from the single-rank rate (Goyal et al. 2017, sections 2.1 and 2.2); see
 Communication per step: one all-reduce of the n gradient bytes, 2(p-1)/p·n·beta plus
 latency terms that depend on the variant (see :mod:`distlab.data_parallel.ddp`).
 
-Other labs reuse :class:`SyncSGDConfig`, :func:`build_task` and :func:`batch_indices`.
+The verbs of every algorithm in distlab: :func:`train` runs on each rank, :func:`reference`
+is the single-process run it must equal, :func:`start` launches it and returns a
+:class:`~distlab.Run`, :func:`run` waits for the result. Other labs reuse
+:class:`SyncSGDConfig`, :func:`build_task` and :func:`batch_indices`.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -37,7 +40,8 @@ from distlab import comm
 from distlab.problems import data, models
 from distlab.data_parallel import ddp as dp
 from distlab.checks import is_int, is_number, require
-from distlab.launcher import MAX_WORLD_SIZE, Run, device, start
+from distlab import launcher
+from distlab.launcher import MAX_WORLD_SIZE, Run, device
 from distlab.metrics import report
 
 TRAIN_SIZES = {"linear": 1024, "digits": 1438}
@@ -102,6 +106,123 @@ class SyncSGDConfig:
                 f"an int in 0..{self.num_steps - 1} (below num_steps)")
 
 
+def train(config: SyncSGDConfig, group=None) -> dict:
+    """Synchronous data-parallel SGD on this rank; call it on every rank of ``group``.
+
+    Reports, each step, ``loss`` (this rank's batch: the mean over ranks is the global
+    batch's loss), ``lr``, and cumulative ``bytes_sent``, ``comm_time`` and
+    ``compute_time``; rank 0 also reports ``val_loss`` (and ``accuracy``) every
+    ``eval_every`` steps and at the last step.
+
+    Args:
+        config: the run; ``config.world_size`` must be the size of ``group``.
+        group: the process group (None: the world).
+
+    Returns:
+        ``{"params"}`` the final parameters as one vector, ``"losses"`` this rank's batch
+        losses, ``"timeline"`` the recorded intervals (dicts with ``rank, step, kind, start,
+        end``; times from ``time.time()``), ``"wall_time"`` seconds spent in the loop, and
+        ``"final"`` the last step's reported values.
+    """
+    p, rank = dist.get_world_size(group), dist.get_rank(group)
+    if p != config.world_size:
+        raise ValueError(f"config.world_size={config.world_size} but the group has {p} ranks")
+    me = dist.get_rank()   # the rank that reports, in the world's numbering
+    task = build_task(config.task, config.seed)
+    dev = device()   # this rank's GPU under NCCL (torchrun on a GPU node), else the CPU
+    if dev.type != "cpu":
+        ds = task.dataset
+        task = Task(task.model.to(dev), data.Dataset(ds.X.to(dev), ds.y.to(dev),
+                    ds.X_val.to(dev), ds.y_val.to(dev), ds.num_classes), task.loss_fn)
+    comm.ledger().reset()
+    model = dp.wrap(task.model, config.variant, group=group,
+                    bucket_size_mb=config.bucket_size_mb)
+    opt = _optimizer(config, model.parameters())
+    X, y = task.dataset.X, task.dataset.y
+    compute_time, losses, timeline = 0.0, [], []
+    t_start = time.time()
+    for step in range(config.num_steps):
+        lr = _set_lr(opt, config, step)
+        recording = 1 <= step <= config.timeline_steps
+        model.events = [] if recording else None
+        idx = batch_indices(config, rank, step, len(y))
+
+        t0 = time.time()
+        opt.zero_grad()
+        loss = task.loss_fn(model(X[idx]), y[idx])   # the mean over this rank's batch
+        t1 = time.time()
+        loss.backward()            # overlapping variants start all-reducing in here
+        t2 = time.time()
+        model.finish_gradient_synchronization()      # what is left of communication
+        t3 = time.time()
+        opt.step()
+        t4 = time.time()
+        compute_time += (t2 - t0) + (t4 - t3)
+
+        if recording:
+            for kind, a, b in (("forward", t0, t1), ("backward", t1, t2),
+                               ("wait for gradients", t2, t3), ("optimizer", t3, t4)):
+                timeline.append({"rank": me, "step": step, "kind": kind, "start": a, "end": b})
+            timeline += [{"rank": me, "step": step, **e} for e in model.events]
+        losses.append(loss.item())
+        totals = comm.ledger().totals()
+        values = {"loss": losses[-1], "lr": lr, "bytes_sent": totals["bytes_sent"],
+                  "comm_time": totals["comm_time"], "compute_time": compute_time}
+        if rank == 0 and (step % config.eval_every == 0 or step == config.num_steps - 1):
+            values.update(evaluate(model, task))
+        report(step=step, **values)
+    return {"params": nn.utils.parameters_to_vector(task.model.parameters()).detach().cpu(),
+            "losses": losses, "timeline": timeline, "wall_time": time.time() - t_start,
+            "final": values}
+
+
+def reference(config: SyncSGDConfig) -> dict:
+    """Single-process SGD on the global batch: what :func:`train` must equal.
+
+    The batch of each step is the union of every rank's batch, the loss its mean, and the
+    learning rate schedule the same; no process group is needed.
+
+    Returns:
+        ``{"params"}`` the final parameters as one vector, ``"losses"`` the global batch's
+        loss at each step, and ``"final"`` the held-out values after the last step.
+    """
+    task = build_task(config.task, config.seed)
+    model = task.model
+    opt = _optimizer(config, model.parameters())
+    X, y = task.dataset.X, task.dataset.y
+    losses = []
+    for step in range(config.num_steps):
+        _set_lr(opt, config, step)
+        idx = torch.cat([batch_indices(config, r, step, len(y))
+                         for r in range(config.world_size)])   # (world_size * batch_size,)
+        opt.zero_grad()
+        loss = task.loss_fn(model(X[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return {"params": nn.utils.parameters_to_vector(model.parameters()).detach(),
+            "losses": losses, "final": evaluate(model, task)}
+
+
+def start(config: SyncSGDConfig, **launch) -> Run:
+    """Start :func:`train` on ``config.world_size`` processes; return the :class:`Run` at once.
+
+    ``launch`` goes to :func:`distlab.start` (``timeout``, ``on_metrics``, ``on_output``,
+    ...). ``.result()`` gives the per-rank results of :func:`train`.
+    """
+    if not isinstance(config, SyncSGDConfig):
+        raise TypeError(f"config must be a SyncSGDConfig, got {type(config).__name__}")
+    return launcher.start(train, config.world_size, config, **launch)
+
+
+def run(config: SyncSGDConfig, **launch) -> list[dict]:
+    """:func:`start` and wait: the per-rank results of :func:`train`, in rank order."""
+    return start(config, **launch).result()
+
+
+train_worker = train   # the name distlab/__main__.py still calls
+
+
 @dataclass
 class Task:
     """What to train: a freshly initialized model, its data and its loss."""
@@ -124,8 +245,9 @@ def build_task(task: str, seed: int = 0, dataset: data.Dataset | None = None) ->
     """The model (initialized from ``seed``), dataset and mean loss of ``task``.
 
     Every rank builds the same thing. Pass ``dataset`` (from :func:`load_dataset`) when the
-    caller has it already: loading scikit-learn in every worker costs about a second.
+    caller has it already.
     """
+    _require_arg("seed", seed, is_int(seed), "an int")
     ds = dataset if dataset is not None else load_dataset(task)
     if task == "linear":
         return Task(models.linear(ds.num_features, seed=seed), ds, F.mse_loss)
@@ -141,6 +263,7 @@ def lr_at(config: SyncSGDConfig, step: int) -> float:
     k", here k = ``world_size``), reached by gradual warmup (section 2.2): from ``lr`` at
     step 0, up by a constant amount each step, to ``k * lr`` at ``warmup_steps``.
     """
+    _require_arg("step", step, is_int(step) and step >= 0, "an int >= 0")
     if not config.lr_scaling:
         return config.lr
     k = config.world_size
@@ -156,6 +279,12 @@ def batch_indices(config: SyncSGDConfig, rank: int, step: int, n: int) -> torch.
     always ``world_size * batch_size``), reshuffled from ``seed + epoch``; a rank walks its
     shard in batches, dropping the last partial one.
     """
+    _require_arg("rank", rank, is_int(rank) and 0 <= rank < config.world_size,
+                 f"an int in 0..{config.world_size - 1}")
+    _require_arg("step", step, is_int(step) and step >= 0, "an int >= 0")
+    least = config.world_size * config.batch_size
+    _require_arg("n", n, is_int(n) and n >= least,
+                 f"an int >= {least} (one batch of {config.batch_size} for each rank)")
     per_epoch = (n // config.world_size) // config.batch_size
     epoch, i = divmod(step, per_epoch)
     shard = data.shard_indices(n, rank, config.world_size, epoch=epoch, seed=config.seed,
@@ -174,150 +303,19 @@ def evaluate(model: nn.Module, task: Task) -> dict:
     return values
 
 
-class SGD:
-    """Plain SGD with momentum, the update of ``torch.optim.SGD`` (Sutskever et al. 2013)::
-
-        b <- momentum * b + g        (b = g at the first step)
-        w <- w - lr * b
-
-    Written out rather than taken from ``torch.optim`` so that a worker does not import
-    TorchDynamo (``torch.optim`` does, on its first step: about 2 s of CPU per process).
-    The DDP wrappers work with any ``torch.optim`` optimizer all the same.
-    """
-
-    def __init__(self, params, momentum: float = 0.0):
-        self.params, self.momentum = list(params), momentum
-        self.buffers: list[torch.Tensor | None] = [None] * len(self.params)
-
-    @torch.no_grad()
-    def step(self, lr: float) -> None:
-        for i, p in enumerate(self.params):
-            if p.grad is None:
-                continue
-            d = p.grad
-            if self.momentum:
-                b = self.buffers[i]
-                self.buffers[i] = b = d.clone() if b is None else b.mul_(self.momentum).add_(d)
-                d = b
-            p.add_(d, alpha=-lr)
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
+def _optimizer(config: SyncSGDConfig, params) -> torch.optim.SGD:
+    """SGD with momentum (Sutskever et al. 2013); :func:`_set_lr` sets each step's rate."""
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
 
 
-def train_worker(config: SyncSGDConfig, group=None, dataset: data.Dataset | None = None) -> dict:
-    """Synchronous data-parallel SGD on this rank; call it on every rank of ``group``.
-
-    Reports, each step, ``loss`` (this rank's batch: the mean over ranks is the global
-    batch's loss), ``lr``, and cumulative ``bytes_sent``, ``comm_time`` and
-    ``compute_time``; rank 0 also reports ``val_loss`` (and ``accuracy``) every
-    ``eval_every`` steps and at the last step.
-
-    Args:
-        config: the run; ``config.world_size`` must be the size of ``group``.
-        group: the process group (None: the world).
-        dataset: the task's data if the caller loaded it (see :func:`build_task`).
-
-    Returns:
-        ``{"params"}`` the final parameters as one vector, ``"losses"`` this rank's batch
-        losses, ``"timeline"`` the recorded intervals (dicts with ``rank, step, kind, start,
-        end``; times from ``time.time()``), ``"wall_time"`` seconds spent in the loop, and
-        ``"final"`` the last step's reported values.
-    """
-    p, rank = dist.get_world_size(group), dist.get_rank(group)
-    if p != config.world_size:
-        raise ValueError(f"config.world_size={config.world_size} but the group has {p} ranks")
-    me = dist.get_rank()   # the rank that reports, in the world's numbering
-    task = build_task(config.task, config.seed, dataset)
-    dev = device()   # this rank's GPU under NCCL (torchrun on a GPU node), else the CPU
-    if dev.type != "cpu":
-        ds = task.dataset
-        task = Task(task.model.to(dev), data.Dataset(ds.X.to(dev), ds.y.to(dev),
-                    ds.X_val.to(dev), ds.y_val.to(dev), ds.num_classes), task.loss_fn)
-    comm.ledger().reset()
-    model = dp.wrap(task.model, config.variant, group=group,
-                    bucket_size_mb=config.bucket_size_mb)
-    opt = SGD(model.parameters(), momentum=config.momentum)
-    X, y = task.dataset.X, task.dataset.y
-    compute_time, losses, timeline = 0.0, [], []
-    t_start = time.time()
-    for step in range(config.num_steps):
-        lr = lr_at(config, step)
-        recording = 1 <= step <= config.timeline_steps
-        model.events = [] if recording else None
-        idx = batch_indices(config, rank, step, len(y))
-
-        t0 = time.time()
-        opt.zero_grad()
-        loss = task.loss_fn(model(X[idx]), y[idx])   # the mean over this rank's batch
-        t1 = time.time()
-        loss.backward()            # overlapping variants start all-reducing in here
-        t2 = time.time()
-        model.finish_gradient_synchronization()      # what is left of communication
-        t3 = time.time()
-        opt.step(lr)
-        t4 = time.time()
-        compute_time += (t2 - t0) + (t4 - t3)
-
-        if recording:
-            for kind, a, b in (("forward", t0, t1), ("backward", t1, t2),
-                               ("wait for gradients", t2, t3), ("optimizer", t3, t4)):
-                timeline.append({"rank": me, "step": step, "kind": kind, "start": a, "end": b})
-            timeline += [{"rank": me, "step": step, **e} for e in model.events]
-        losses.append(loss.item())
-        totals = comm.ledger().totals()
-        values = {"loss": losses[-1], "lr": lr, "bytes_sent": totals["bytes_sent"],
-                  "comm_time": totals["comm_time"], "compute_time": compute_time}
-        if rank == 0 and (step % config.eval_every == 0 or step == config.num_steps - 1):
-            values.update(evaluate(model, task))
-        report(step=step, **values)
-    return {"params": nn.utils.parameters_to_vector(task.model.parameters()).detach().cpu(),
-            "losses": losses, "timeline": timeline, "wall_time": time.time() - t_start,
-            "final": values}
+def _set_lr(opt: torch.optim.Optimizer, config: SyncSGDConfig, step: int) -> float:
+    lr = lr_at(config, step)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return lr
 
 
-def train_reference(config: SyncSGDConfig) -> dict:
-    """Single-process SGD on the global batch: what :func:`train_worker` must equal.
-
-    The batch of each step is the union of every rank's batch, the loss its mean, and the
-    learning rate schedule the same; no process group is needed.
-
-    Returns:
-        ``{"params"}`` the final parameters as one vector, ``"losses"`` the global batch's
-        loss at each step, and ``"final"`` the held-out values after the last step.
-    """
-    task = build_task(config.task, config.seed)
-    model = task.model
-    opt = SGD(model.parameters(), momentum=config.momentum)
-    X, y = task.dataset.X, task.dataset.y
-    losses = []
-    for step in range(config.num_steps):
-        idx = torch.cat([batch_indices(config, r, step, len(y))
-                         for r in range(config.world_size)])   # (world_size * batch_size,)
-        opt.zero_grad()
-        loss = task.loss_fn(model(X[idx]), y[idx])
-        loss.backward()
-        opt.step(lr_at(config, step))
-        losses.append(loss.item())
-    return {"params": nn.utils.parameters_to_vector(model.parameters()).detach(),
-            "losses": losses, "final": evaluate(model, task)}
-
-
-def start_run(config: SyncSGDConfig | None = None, *, on_metrics=None, on_output=None,
-              timeout: float | None = 120.0, **fields) -> Run:
-    """Start :func:`train_worker` on ``config.world_size`` processes; return the Run at once.
-
-    Args:
-        config: the run (default: ``SyncSGDConfig()``).
-        on_metrics, on_output, timeout: as for :func:`distlab.start`.
-        **fields: config fields to change first, e.g. ``world_size=4`` (validated here,
-            before any process starts). So ``functools.partial(start_run, config)`` is a
-            :class:`~distlab.ui.panel.RunPanel` start function whose controls are fields.
-
-    The dataset is loaded here once and sent to the workers. Use ``.result()`` for the
-    per-rank results of :func:`train_worker`.
-    """
-    config = replace(config or SyncSGDConfig(), **fields)
-    return start(train_worker, config.world_size, config, dataset=load_dataset(config.task),
-                 on_metrics=on_metrics, on_output=on_output, timeout=timeout)
+def _require_arg(name: str, value, ok: bool, allowed: str) -> None:
+    """Unless ``ok``, raise ValueError naming the argument, its value and what is allowed."""
+    if not ok:
+        raise ValueError(f"{name}={value!r} is out of range; allowed {allowed}")

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distlab.launcher import WorkerError, launch
+from distlab.checks import is_int
+from distlab.launcher import MAX_WORLD_SIZE, WorkerError, launch
 from distlab.exercises import Verdict, register
 
 
@@ -28,9 +29,12 @@ def average_gradients(model: nn.Module, group=None) -> None:
     from distlab import comm
     world_size = dist.get_world_size(group)
     for p in model.parameters():          # yields a tied (shared) weight only once
-        if p.requires_grad and p.grad is not None:   # frozen parameters have no gradient
-            p.grad /= world_size          # average, not sum: the step must not grow with p
-            comm.all_reduce(p.grad, group=group)
+        if not p.requires_grad:           # frozen: no gradient, leave it alone
+            continue
+        if p.grad is None:                # unused by this rank's forward: it contributes zeros,
+            p.grad = torch.zeros_like(p)  # and every rank still makes the same calls in order
+        p.grad /= world_size              # average, not sum: the step must not grow with p
+        comm.all_reduce(p.grad, group=group)
 
 
 class ExerciseModel(nn.Module):
@@ -85,6 +89,9 @@ def check_average_gradients(student_fn: Callable, world_size: int = 3) -> Verdic
     Each rank computes the gradient of its own shard's mean loss; afterwards every
     trainable parameter's ``.grad`` must be the average over the ranks, on every rank.
     """
+    if not (is_int(world_size) and 1 <= world_size <= MAX_WORLD_SIZE):
+        raise ValueError(f"world_size={world_size!r} is out of range; allowed an int in "
+                         f"1..{MAX_WORLD_SIZE}")
     if not callable(student_fn):
         return Verdict(False, f"average_gradients must be a function, "
                               f"got {type(student_fn).__name__}")

@@ -1,9 +1,11 @@
 """distlab.data_parallel.ddp: every variant against single-process SGD on the global batch.
 
-Each launch checks several things at once (2 cores are shared): for every variant, ranks
-that start from different random weights end identical after construction; three steps
-(one with ``no_sync`` gradient accumulation) match the single-process reference with a
-frozen parameter, a tied weight and a buffer; and gradients inside ``no_sync`` stay local.
+One launch per world size trains every variant (2 cores are shared); the tests below each
+read one behaviour from it: ranks that start from different random weights end identical
+after construction; three steps (one with ``no_sync`` gradient accumulation) match the
+single-process reference with a frozen parameter, a tied weight and a buffer; gradients
+inside ``no_sync`` stay local; a subgroup broadcasts from its own rank 0. The hard cases
+(rank-dependent graphs, dtypes, BatchNorm, ...) are in ``test_data_parallel_hard_cases.py``.
 """
 import pytest
 import torch
@@ -128,30 +130,67 @@ def _worker_all_variants(world_size):
     return out
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_every_variant_equals_single_process_sgd(world_size):
-    results = distlab.launch(_worker_all_variants, world_size, world_size, timeout=100)
+@pytest.fixture(scope="module", params=[2, 4])
+def trained(request):
+    """``(world_size, per-rank results)`` of one launch of every variant."""
+    world_size = request.param
+    return world_size, distlab.launch(_worker_all_variants, world_size, world_size, timeout=100)
+
+
+def test_construction_copies_rank_0s_parameters_and_buffers(trained):
+    world_size, results = trained
     start = Tied(seed=100).state_dict()
+    for case in CASES:
+        for rank, out in enumerate(results):
+            for k in start:
+                torch.testing.assert_close(out[case]["init"][k], start[k],
+                                           msg=f"{case} rank {rank} init {k}")
+
+
+def test_every_variant_equals_single_process_sgd(trained):
+    world_size, results = trained
+    for case in CASES:
+        expected, _ = _reference(case[1], world_size, init_seed=100)
+        for rank, out in enumerate(results):
+            for k in expected:
+                torch.testing.assert_close(out[case]["final"][k], expected[k],
+                                           msg=f"{case} rank {rank} {k}")
+
+
+def test_frozen_parameters_get_no_gradient(trained):
+    _, results = trained
+    for case in CASES:
+        for rank, out in enumerate(results):
+            assert out[case]["frozen_grad"] is None, f"{case} rank {rank}: frozen got a gradient"
+
+
+def test_no_sync_leaves_each_rank_its_own_gradient(trained):
+    world_size, results = trained
     trainable = [n for n, p in Tied(0).named_parameters() if p.requires_grad]   # tied: once
     for case in CASES:
-        expected, local = _reference(case[1], world_size, init_seed=100)
+        _, local = _reference(case[1], world_size, init_seed=100)
         for rank, out in enumerate(results):
-            got = out[case]
-            where = f"{case} rank {rank}"
-            for k in start:   # construction broadcast rank 0's parameters and buffers
-                torch.testing.assert_close(got["init"][k], start[k], msg=f"{where} init {k}")
-            for k in expected:
-                torch.testing.assert_close(got["final"][k], expected[k], msg=f"{where} {k}")
-            assert got["frozen_grad"] is None, f"{where}: frozen parameter got a gradient"
-            for n, g in zip(trainable, local[rank]):   # no_sync left the gradient local
-                torch.testing.assert_close(got["local"][n], g, msg=f"{where} no_sync {n}")
-            assert got["events"] >= len(SCHEDULE), f"{where}: no communication recorded"
-    if world_size == 4:
+            for n, g in zip(trainable, local[rank]):
+                torch.testing.assert_close(out[case]["local"][n], g,
+                                           msg=f"{case} rank {rank} no_sync {n}")
+
+
+def test_communication_intervals_are_recorded(trained):
+    _, results = trained
+    for case in CASES:
         for rank, out in enumerate(results):
-            expected, _ = _reference("sgd", 2, init_seed=100 + 2 * (rank // 2))
-            for k in expected:
-                torch.testing.assert_close(out["group"]["final"][k], expected[k],
-                                           msg=f"group of rank {rank}: {k}")
+            assert out[case]["events"] >= len(SCHEDULE), f"{case} rank {rank}: none recorded"
+
+
+def test_a_subgroup_broadcasts_from_its_own_rank_0(trained):
+    world_size, results = trained
+    if world_size != 4:
+        pytest.skip("needs two groups of 2")
+    for rank, out in enumerate(results):
+        expected, _ = _reference("sgd", 2, init_seed=100 + 2 * (rank // 2))
+        for k in expected:
+            torch.testing.assert_close(out["group"]["final"][k], expected[k],
+                                       msg=f"group of rank {rank}: {k}")
 
 
 def test_bad_arguments_are_refused_before_any_communication():
@@ -174,3 +213,50 @@ def test_exercise_checker_accepts_the_solution_and_names_the_mistake():
 
     verdict = ex.check_average_gradients(summed)
     assert not verdict.ok and "divide by the world size" in verdict.message, verdict
+
+
+def _buffer_devices():
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 1).double())
+    # The default device (a GPU in a notebook that called torch.set_default_device, here
+    # "meta") must not decide where buffers go: NCCL needs them beside the parameters.
+    with torch.device("meta"):
+        ddp = dp.BucketedDDP(model, bucket_size_mb=TINY_BUCKET)
+    return [(str(b.device), str(ps[0].device)) for b, ps in zip(ddp._flat, ddp.buckets)]
+
+
+def test_bucket_buffers_are_allocated_on_the_parameters_device():
+    devices = distlab.launch(_buffer_devices, 1, timeout=60)[0]
+    assert len(devices) >= 2 and all(b == p == "cpu" for b, p in devices), devices
+
+
+@pytest.mark.parametrize("value", ["1", True, float("nan"), -1, 0.0])
+def test_bucket_size_that_is_not_a_positive_number_is_refused_by_name(value):
+    with pytest.raises(ValueError, match=rf"bucket_size_mb={value!r}.*allowed a number > 0"):
+        dp.BucketedDDP(nn.Linear(2, 1), bucket_size_mb=value)   # no process group needed
+    with pytest.raises(ValueError, match=rf"bucket_size_mb={value!r}"):
+        dp.wrap(nn.Linear(2, 1), "bucketed", bucket_size_mb=value)
+
+
+@pytest.mark.parametrize("cls", list(dp.VARIANTS.values()), ids=list(dp.VARIANTS))
+def test_broadcast_buffers_must_be_a_bool(cls):
+    with pytest.raises(ValueError, match=r"broadcast_buffers=1.*True or False"):
+        cls(nn.Linear(2, 1), broadcast_buffers=1)
+
+
+@pytest.mark.parametrize("variant", ["overlap", "bucketed"])
+def test_overlapping_variants_start_all_reduces_during_backward(variant):
+    from distlab.data_parallel import sync_sgd
+    config = sync_sgd.SyncSGDConfig(task="digits", world_size=2, num_steps=3, timeline_steps=2,
+                                    variant=variant, bucket_size_mb=0.01)
+    events = [e for out in sync_sgd.run(config, timeout=60) for e in out["timeline"]]
+    backward_end = {(e["rank"], e["step"]): e["end"] for e in events if e["kind"] == "backward"}
+    early = [e for e in events
+             if e["kind"] == "all_reduce" and e["start"] < backward_end[e["rank"], e["step"]]]
+    assert len(early) >= 2 * 2, f"{variant}: only {len(early)} all-reduces overlapped backward"
+
+
+@pytest.mark.parametrize("world_size", [0, True, 2.0])
+def test_the_exercise_checker_refuses_a_bad_world_size_by_name(world_size):
+    from distlab.exercises import data_parallel as ex
+    with pytest.raises(ValueError, match=rf"world_size={world_size!r} is out of range"):
+        ex.check_average_gradients(ex.average_gradients, world_size=world_size)

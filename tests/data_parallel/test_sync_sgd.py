@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from distlab.problems import data
-from distlab.data_parallel.sync_sgd import (TRAIN_SIZES, SyncSGDConfig, batch_indices, build_task, lr_at,
-                           start_run, train_reference)
+from distlab.data_parallel import sync_sgd
+from distlab.data_parallel.sync_sgd import (TRAIN_SIZES, SyncSGDConfig, batch_indices, build_task,
+                                            lr_at, reference)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -51,9 +52,9 @@ RUNS = [SyncSGDConfig(task="linear", world_size=2, variant="naive", num_steps=40
 
 @pytest.mark.parametrize("config", RUNS, ids=lambda c: f"{c.task}-{c.world_size}-{c.variant}")
 def test_sync_sgd_equals_single_process_sgd_on_the_global_batch(config):
-    run = start_run(config, timeout=100)
+    run = sync_sgd.start(config, timeout=100)
     results = run.result()
-    ref = train_reference(config)
+    ref = reference(config)
     for rank, out in enumerate(results):
         torch.testing.assert_close(out["params"], ref["params"], msg=f"rank {rank} params")
     # The mean of the ranks' batch losses is the global batch's loss.
@@ -76,17 +77,39 @@ def test_sync_sgd_equals_single_process_sgd_on_the_global_batch(config):
         assert "accuracy" in df.columns and ref["final"]["accuracy"] > 0.7
 
 
-def test_hand_written_sgd_is_torch_sgd():
-    from distlab.data_parallel.sync_sgd import SGD
-    torch.manual_seed(0)
-    w1 = torch.randn(5, requires_grad=True)
-    w2 = w1.detach().clone().requires_grad_(True)
-    ours, theirs = SGD([w1], momentum=0.9), torch.optim.SGD([w2], lr=0.1, momentum=0.9)
-    for step in range(4):
-        for w in (w1, w2):
-            ((w - step) ** 2).sum().backward()
-        ours.step(0.1)
-        theirs.step()
-        ours.zero_grad()
-        theirs.zero_grad()
-    torch.testing.assert_close(w1, w2)
+def test_numeric_arguments_of_the_helpers_are_refused_by_name():
+    c = SyncSGDConfig(world_size=2, batch_size=32)
+    n = TRAIN_SIZES["linear"]
+    for call, match in [(lambda: lr_at(c, -1), r"step=-1 .*an int >= 0"),
+                        (lambda: lr_at(c, 1.5), r"step=1.5 "),
+                        (lambda: batch_indices(c, 2, 0, n), r"rank=2 .*0\.\.1"),
+                        (lambda: batch_indices(c, True, 0, n), r"rank=True "),
+                        (lambda: batch_indices(c, 0, -3, n), r"step=-3 "),
+                        (lambda: batch_indices(c, 0, 0, 63), r"n=63 .*>= 64"),
+                        (lambda: build_task("linear", seed="0"), r"seed='0' .*an int")]:
+        with pytest.raises(ValueError, match=match):
+            call()
+    with pytest.raises(TypeError, match="SyncSGDConfig"):
+        sync_sgd.start({"world_size": 2})
+
+
+def test_run_waits_for_every_rank_and_steps_with_torch_sgd():
+    config = SyncSGDConfig(task="linear", world_size=2, num_steps=5, momentum=0.9,
+                           lr_scaling=True, warmup_steps=2, variant="overlap")
+    results = sync_sgd.run(config, timeout=100)
+    ref = reference(config)
+    assert len(results) == 2
+    for out in results:
+        torch.testing.assert_close(out["params"], ref["params"])
+    torch.manual_seed(0)   # the reference is torch.optim.SGD with the scheduled rates
+    task = build_task("linear", config.seed)
+    opt = torch.optim.SGD(task.model.parameters(), lr=config.lr, momentum=config.momentum)
+    X, y = task.dataset.X, task.dataset.y
+    for step in range(config.num_steps):
+        idx = torch.cat([batch_indices(config, r, step, len(y)) for r in range(2)])
+        opt.param_groups[0]["lr"] = lr_at(config, step)
+        opt.zero_grad()
+        task.loss_fn(task.model(X[idx]), y[idx]).backward()
+        opt.step()
+    torch.testing.assert_close(torch.nn.utils.parameters_to_vector(task.model.parameters()),
+                               ref["params"])
