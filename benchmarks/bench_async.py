@@ -1,6 +1,6 @@
 """Asynchronous SGD: parameter-server throughput, and time to a target loss with a straggler.
 
-Run:  .venv/bin/python benchmarks/bench_async.py  [--repeats 3] [--out benchmarks/results/async.md]
+Run:  .venv/bin/python benchmarks/bench_async.py  [--repeats 3]   (writes results/async.md)
 
 1. **Throughput.** Gradients applied per second by distlab's parameter server (fully
    asynchronous, digits MLP of ~90k parameters, batch 32, no simulated compute) for 1, 2, 4
@@ -10,24 +10,26 @@ Run:  .venv/bin/python benchmarks/bench_async.py  [--repeats 3] [--out benchmark
 2. **Time to target.** 4 workers on linear regression, each gradient costing 20 ms of
    simulated compute and the last worker 3x slower: wall time from the first update until
    the training loss is at most 0.02, for torch DDP, the parameter server in BSP mode
-   (``staleness=0``) and fully asynchronous (``staleness=None``). Median of ``--repeats``.
-   Target: async <= 0.6x sync.
+   (``staleness=0``) and fully asynchronous (``staleness=None``), sync and async interleaved
+   in ``--repeats`` pairs. Target: the median pair ratio async / sync <= 0.6.
 
 Everything shares the machine with whatever else runs on it: numbers are noisy, read ratios.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
+import math
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
+from report import fmt_ratio, interleaved, load, pair_ratios, spread, write
 
 import distlab
 from distlab.asynchronous import parameter_server as ps
+from distlab.asynchronous.ps_config import worker_batch
+from distlab.problems import convex
 
 STEP_TIME, STRAGGLER, TARGET, LR = 0.02, 3.0, 0.02, 0.1
 
@@ -36,7 +38,7 @@ def ddp_worker(config: ps.ParameterServerConfig, num_steps: int, straggler: floa
                target: float | None) -> dict:
     """PyTorch's synchronous SGD on the parameter server's problem, data and batches."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    model, ds, loss_fn = ps.build_problem(config)
+    model, ds, loss_fn = convex.build(config.problem, config.hidden, config.seed)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=config.lr)
     slow = straggler if rank == world - 1 else 1.0
@@ -52,7 +54,7 @@ def ddp_worker(config: ps.ParameterServerConfig, num_steps: int, straggler: floa
                 reached = time.perf_counter() - t0
                 break
         t = time.perf_counter()
-        idx = ps.worker_batch(config, ds, rank, step)
+        idx = worker_batch(config, ds, rank, step)
         opt.zero_grad()
         loss_fn(ddp(ds.X[idx]), ds.y[idx]).backward()     # all-reduce inside backward
         work = time.perf_counter() - t + config.step_time
@@ -62,10 +64,11 @@ def ddp_worker(config: ps.ParameterServerConfig, num_steps: int, straggler: floa
     return {"gradients_per_s": world * (step + 1) / elapsed, "time_to_target": reached}
 
 
-def ps_time_to_target(config: ps.ParameterServerConfig) -> float | None:
-    m = ps.train(config, timeout=120).metrics.dropna(subset=["loss"])
+def ps_time_to_target(config: ps.ParameterServerConfig) -> float:
+    """Seconds from the first update to the target loss (inf if never reached)."""
+    m = ps.run(config, timeout=120).metrics.dropna(subset=["loss"])
     hit = m[m["loss"] <= TARGET]
-    return float(hit["time"].min() - m["time"].min()) if len(hit) else None
+    return float(hit["time"].min() - m["time"].min()) if len(hit) else math.inf
 
 
 def throughput(repeats: int) -> list[dict]:
@@ -78,7 +81,7 @@ def throughput(repeats: int) -> list[dict]:
                                            num_steps=50 * workers, lr=0.01, eval_size=64)
             rates = []
             for _ in range(repeats):
-                result = ps.train(cfg, timeout=120)
+                result = ps.run(cfg, timeout=120)
                 rates.append(statistics.mean(s["updates_per_s"] for s in result.servers))
             row[f"ps_{servers}"] = statistics.median(rates)
         cfg = ps.ParameterServerConfig(num_workers=workers, problem="digits", hidden=1200)
@@ -91,40 +94,36 @@ def throughput(repeats: int) -> list[dict]:
 
 
 def time_to_target(repeats: int) -> dict:
+    """Seconds to the target: PS sync and PS async interleaved in pairs, then torch DDP."""
     base = dict(num_workers=4, lr=LR, step_time=STEP_TIME, slowdown=(1, 1, 1, STRAGGLER),
                 target_loss=TARGET, num_steps=400)
-    out = {"torch DDP": [], "PS sync (BSP)": [], "PS async": []}
-    for _ in range(repeats):   # interleaved, so each sees the same machine load
-        cfg = ps.ParameterServerConfig(staleness=0, **base)
-        out["torch DDP"].append(distlab.launch(ddp_worker, 4, cfg, 400, STRAGGLER, TARGET,
-                                               timeout=120)[0]["time_to_target"])
-        out["PS sync (BSP)"].append(ps_time_to_target(cfg))
-        out["PS async"].append(ps_time_to_target(ps.ParameterServerConfig(staleness=None,
-                                                                          **base)))
-        print({k: v[-1] for k, v in out.items()}, flush=True)
+    sync = ps.ParameterServerConfig(staleness=0, **base)
+    out = {}
+    out["PS sync (BSP)"], out["PS async"] = interleaved(
+        lambda: ps_time_to_target(sync),
+        lambda: ps_time_to_target(ps.ParameterServerConfig(staleness=None, **base)),
+        pairs=repeats, warmup=0)
+    reached = [distlab.launch(ddp_worker, 4, sync, 400, STRAGGLER, TARGET,
+                              timeout=120)[0]["time_to_target"] for _ in range(repeats)]
+    out["torch DDP"] = [math.inf if t is None else t for t in reached]
     return out
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3,
-                        help="time-to-target repeats (throughput: --repeats // 2, at least 1)")
-    parser.add_argument("--out", default="benchmarks/results/async.md")
+                        help="time-to-target pairs (throughput: --repeats // 2, at least 1)")
     args = parser.parse_args()
-    t0, load = time.time(), os.getloadavg()[0]
+    t0, load_before = time.time(), load()
     distlab.warm_up()
     rows = throughput(max(1, args.repeats // 2))
     ttt = time_to_target(args.repeats)
-    med = {k: statistics.median(v) if None not in v else None for k, v in ttt.items()}
-    ratio = med["PS async"] / med["PS sync (BSP)"]
-    params = sum(p.numel() for p in ps.build_problem(ps.ParameterServerConfig(
-        problem="digits", hidden=1200))[0].parameters())
+    ratio = pair_ratios(ttt["PS async"], ttt["PS sync (BSP)"])
+    cfg = ps.ParameterServerConfig(problem="digits", hidden=1200)
+    params = sum(p.numel() for p in convex.build(cfg.problem, cfg.hidden)[0].parameters())
     lines = [
-        f"# Asynchronous SGD benchmark ({datetime.date.today()}, "
-        f"{torch.get_num_threads()} threads visible to torch, torch {torch.__version__})", "",
-        f"Command: `python benchmarks/bench_async.py --repeats {args.repeats}` "
-        f"({time.time() - t0:.0f} s; load average {load:.1f} on {os.cpu_count()} cores when it "
-        "started: other work shared the machine, so single numbers are noisy)", "",
+        f"{torch.get_num_threads()} threads visible to torch, torch {torch.__version__}; "
+        f"{time.time() - t0:.0f} s in all.", "",
         f"## Throughput: gradients applied per second (digits MLP, {params:,} parameters, "
         f"batch 32, no simulated compute; median of {max(1, args.repeats // 2)})", "",
         "| workers | PS, 1 server | PS, 2 servers (sharded) | sharded / 1 server "
@@ -135,23 +134,19 @@ def main():
                      f"{r['ps_1'] / r['ddp']:.2f}x |")
     lines += ["", f"## Time to training loss <= {TARGET}: 4 workers, one {STRAGGLER:g}x "
               f"straggler, {STEP_TIME * 1000:.0f} ms simulated compute per gradient", "",
-              "| run | median (s) | all runs (s) | ratio to PS sync |", "|---|---|---|---|"]
+              "| run | median (s) | min-max (s) | all runs (s) |", "|---|---|---|---|"]
     for k, v in ttt.items():
-        fmt = ", ".join("-" if x is None else f"{x:.2f}" for x in v)
-        m = med[k]
-        lines.append(f"| {k} | {m:.2f} | {fmt} | {m / med['PS sync (BSP)']:.2f}x |"
-                     if m is not None else f"| {k} | - | {fmt} | - |")
-    lines += ["", f"Target: async <= 0.6x sync: **{'met' if ratio <= 0.6 else 'not met'}** "
-              f"({ratio:.2f}x).", "",
+        sp = spread(v)
+        lines.append(f"| {k} | {sp['median']:.2f} | {sp['min']:.2f}-{sp['max']:.2f} | "
+                     f"{', '.join(f'{x:.2f}' for x in v)} |")
+    lines += ["", f"PS async / PS sync over interleaved pairs: {fmt_ratio(ratio)}. Target "
+              f"<= 0.6x: **{'met' if ratio['median'] <= 0.6 else 'not met'}**.", "",
               "Reading the throughput table: every rank is a process on the same cores, so "
               "on a 2-core machine a second server rank competes with the workers for CPU "
               "instead of adding network links; sharding pays off when ranks have their own "
               "cores (and links). Torch DDP counts W gradients per synchronous step; the "
               "parameter server pays a round trip per gradient."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with open(args.out, "w") as f:
-        f.write(text)
+    write("async", "Asynchronous SGD benchmark", lines, load_before)
 
 
 if __name__ == "__main__":

@@ -37,10 +37,11 @@ import torch
 import torch.distributed as dist
 
 from distlab import comm
-from distlab.problems import data
 from distlab.checks import is_int, is_number, require
 from distlab.launcher import start as _start
 from distlab.metrics import report
+from distlab.problems import data
+from distlab.problems.convex import log_loss, sparse_logistic
 
 
 @dataclass(frozen=True)
@@ -84,40 +85,34 @@ class HogwildConfig:
         require(self, "seed", is_int(self.seed), "an int")
 
 
-def problem(config: HogwildConfig):
-    """The sparse dataset and, per example, the indices of its non-zero features ``(N, nnz)``."""
-    ds = data.sparse_classification(d=config.num_features, nnz=config.nnz, seed=config.seed)
-    cols = ds.X.ne(0).nonzero()[:, 1].reshape(len(ds.y), config.nnz)   # (N, nnz)
-    return ds, cols
-
-
-def log_loss(w: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean logistic loss of the linear classifier ``w`` on ``(X, y)``."""
-    return float(torch.nn.functional.binary_cross_entropy_with_logits(X @ w, y))
-
-
-def example_order(config: HogwildConfig, worker: int, n: int) -> torch.Tensor:
-    """The examples worker ``worker`` visits, in order: seeded draws from its own shard."""
-    shard = data.shard_indices(n, worker, config.num_workers, seed=config.seed)
-    g = torch.Generator().manual_seed(config.seed * 7919 + worker)
-    return shard[torch.randint(len(shard), (config.num_steps,), generator=g)]
-
-
 def sgd_step(w: torch.Tensor, x_i: torch.Tensor, y_i: torch.Tensor, cols: torch.Tensor,
              lr: float) -> None:
-    """One sparse logistic-regression update of ``w`` in place, touching only ``cols``."""
+    """One sparse logistic-regression update of ``w`` in place, touching only ``cols``.
+
+    Algorithm 1, line 4, written out rather than as a ``torch.optim.SGD`` step: the point
+    is an unlocked read of ``w[cols]`` and a write to those ``nnz`` coordinates of the
+    shared pages only; and a sparse-gradient optimizer step costs far more than this
+    10-coordinate update itself (about a hundred times, measured on a laptop CPU).
+    """
     v = x_i[cols]                                    # (nnz,)
     p = torch.sigmoid(torch.dot(w[cols], v))         # read: may be mid-update by another
     w.index_add_(0, cols, v * (-lr * (p - y_i)))     # write: no lock (Hogwild!)
 
 
-def _worker(config: HogwildConfig, path: str) -> dict:
-    rank, W = dist.get_rank(), dist.get_world_size()
+def train(config: HogwildConfig, path: str, group=None) -> dict:
+    """The body of every rank: lock-free SGD on the parameters mapped from ``path``.
+
+    ``path`` is the shared parameter file :func:`start` made (``num_features`` float32,
+    zeros); it is the only thing the workers share besides the config.
+    """
+    if not isinstance(config, HogwildConfig):
+        raise TypeError(f"config must be a HogwildConfig, got {type(config).__name__}")
+    rank, W = dist.get_rank(group), dist.get_world_size(group)
     ds, cols = problem(config)
     w = torch.from_file(path, shared=True, size=config.num_features)   # the shared pages
     order = example_order(config, rank, len(ds.y))
     lock = open(path + ".lock", "w") if config.lock else None
-    comm.barrier()                                   # start together: a fair race
+    comm.barrier(group)                              # start together: a fair race
     t0 = time.perf_counter()
     for t, i in enumerate(order.tolist()):
         if config.step_time:
@@ -132,7 +127,7 @@ def _worker(config: HogwildConfig, path: str) -> dict:
             report(step=(t + 1) * W, loss=log_loss(w, ds.X_val, ds.y_val))
     elapsed = time.perf_counter() - t0
     report(step=config.num_steps, updates_per_s=config.num_steps / elapsed)
-    comm.barrier()
+    comm.barrier(group)
     return {"rank": rank, "updates_per_s": config.num_steps / elapsed, "elapsed": elapsed}
 
 
@@ -140,31 +135,24 @@ def start(config: HogwildConfig, **launch_kwargs):
     """Launch the workers on a fresh shared parameter file; return the :class:`distlab.Run`.
 
     The file (and its folder) is removed when the run is over: ``start`` is for widgets,
-    which read the metrics; use :func:`train` for the final parameters.
+    which read the metrics; use :func:`run` for the final parameters.
     """
     folder, path = _new_shared_file(config)
-    run = _start(_worker, config.num_workers, config, path, **launch_kwargs)
-    threading.Thread(target=lambda: (run.wait(), shutil.rmtree(folder, ignore_errors=True)),
+    handle = _start(train, config.num_workers, config, path, **launch_kwargs)
+    threading.Thread(target=lambda: (handle.wait(), shutil.rmtree(folder, ignore_errors=True)),
                      daemon=True).start()
-    return run
+    return handle
 
 
-def train(config: HogwildConfig, **launch_kwargs) -> tuple[torch.Tensor, list[dict]]:
+def run(config: HogwildConfig, **launch_kwargs) -> tuple[torch.Tensor, list[dict]]:
     """Run Hogwild! to the end; return the final parameters ``(d,)`` and each rank's stats."""
     folder, path = _new_shared_file(config)
     try:
-        stats = _start(_worker, config.num_workers, config, path, **launch_kwargs).result()
+        stats = _start(train, config.num_workers, config, path, **launch_kwargs).result()
         w = torch.from_file(path, shared=False, size=config.num_features).clone()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return w, stats
-
-
-def _new_shared_file(config: HogwildConfig) -> tuple[str, str]:
-    folder = tempfile.mkdtemp(prefix="distlab-hogwild-")
-    path = os.path.join(folder, "w.f32")
-    torch.zeros(config.num_features).numpy().tofile(path)    # w_0 = 0
-    return folder, path
 
 
 def reference(config: HogwildConfig) -> torch.Tensor:
@@ -180,3 +168,30 @@ def reference(config: HogwildConfig) -> torch.Tensor:
     for i in orders.t().flatten().tolist():                       # round-robin
         sgd_step(w, ds.X[i], ds.y[i], cols[i], config.lr)
     return w
+
+
+def problem(config: HogwildConfig):
+    """The sparse dataset and, per example, the indices of its non-zero features ``(N, nnz)``."""
+    return sparse_logistic(config.num_features, config.nnz, config.seed)
+
+
+def example_order(config: HogwildConfig, worker: int, n: int) -> torch.Tensor:
+    """The examples worker ``worker`` visits, in order: seeded draws from its own shard."""
+    if not (is_int(worker) and 0 <= worker < config.num_workers):
+        raise ValueError(f"worker={worker!r} is out of range; allowed 0..{config.num_workers - 1}")
+    if not (is_int(n) and n >= config.num_workers):
+        raise ValueError(f"n={n!r} is out of range; allowed an int >= num_workers="
+                         f"{config.num_workers} (each worker needs an example)")
+    shard = data.shard_indices(n, worker, config.num_workers, seed=config.seed)
+    g = torch.Generator().manual_seed(config.seed * 7919 + worker)
+    return shard[torch.randint(len(shard), (config.num_steps,), generator=g)]
+
+
+def _new_shared_file(config: HogwildConfig) -> tuple[str, str]:
+    """A private folder holding the parameter file, ``num_features`` float32 zeros."""
+    if not isinstance(config, HogwildConfig):
+        raise TypeError(f"config must be a HogwildConfig, got {type(config).__name__}")
+    folder = tempfile.mkdtemp(prefix="distlab-hogwild-")
+    path = os.path.join(folder, "w.f32")
+    torch.zeros(config.num_features).numpy().tofile(path)    # w_0 = 0
+    return folder, path

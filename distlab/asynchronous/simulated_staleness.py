@@ -10,12 +10,17 @@ the parameters of step ``t - tau_t``,
 
 with ``tau_t`` fixed or drawn from a seeded distribution. Everything is seeded, so a figure
 made with it is bit-for-bit the same on every machine and every run: what the real
-:mod:`distlab.asynchronous.parameter_server` cannot give, since there the delays come from the operating
-system's scheduling. The lab always shows it beside a real run.
+:mod:`distlab.asynchronous.parameter_server` cannot give, since there the delays come from
+the operating system's scheduling. The lab always shows it beside a real run.
 
 The staleness-aware rule (Zhang et al. 2016, section 3.2) divides the step by the delay,
 ``lr_t = lr / max(tau_t, 1)``; clipping bounds each gradient's norm. Communication cost:
 none (one process); it models W workers through the distribution of ``tau``.
+
+:func:`simulate` is the computation. The verbs, as everywhere: :func:`train` runs it on the
+one launched rank (reporting every step, so a panel can watch it), :func:`start` returns
+that :class:`distlab.Run`, :func:`run` waits for it, and :func:`reference` is the same
+simulation in this process, which the launched one equals bit for bit.
 """
 from __future__ import annotations
 
@@ -26,10 +31,13 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import parameters_to_vector
 
 from distlab.checks import is_int, is_number, require
-from distlab.asynchronous.parameter_server import PROBLEMS, build_problem, gradient
+from distlab.launcher import start as _start
+from distlab.metrics import report
+from distlab.problems import convex
+from distlab.problems.convex import PROBLEMS
 
 DISTRIBUTIONS = ("fixed", "uniform", "geometric")
 
@@ -74,6 +82,8 @@ class SimulatedStalenessConfig:
                 "an int >= 1 or None (full batch)")
         require(self, "problem", self.problem in PROBLEMS, f"one of {PROBLEMS}")
         require(self, "hidden", is_int(self.hidden) and 1 <= self.hidden <= 4096, "1..4096")
+        require(self, "staleness_aware", isinstance(self.staleness_aware, bool),
+                "True or False")
         require(self, "clip", self.clip is None or (is_number(self.clip) and self.clip > 0),
                 "> 0 or None")
         require(self, "seed", is_int(self.seed), "an int")
@@ -113,23 +123,27 @@ def draw_delays(config: SimulatedStalenessConfig) -> torch.Tensor:
 
 def simulate(config: SimulatedStalenessConfig, run: str = "simulated",
              on_step=None) -> SimulatedResult:
-    """Run simulated asynchronous SGD; bit-reproducible for a given config.
+    """Run simulated asynchronous SGD in this process; bit-reproducible for a given config.
 
     Args:
         config: the run.
         run: the name in the ``run`` column of the metrics.
         on_step: optional ``callback(record)`` called with each step's record.
     """
-    model, ds, loss_fn = build_problem(config)
-    x = parameters_to_vector(model.parameters()).detach().clone()
+    if not isinstance(config, SimulatedStalenessConfig):
+        raise TypeError(f"config must be a SimulatedStalenessConfig, got "
+                        f"{type(config).__name__}")
+    if not isinstance(run, str):
+        raise TypeError(f"run must be a str (the run's name), got {type(run).__name__}")
+    model, ds, loss_fn = convex.build(config.problem, config.hidden, config.seed)
+    x = parameters_to_vector(model.parameters()).detach().clone()   # (P,)
+    optimizer = torch.optim.SGD([x], lr=config.lr)
     taus = draw_delays(config)
-    history = deque([x], maxlen=int(taus.max()) + 1)   # x_t, x_{t-1}, ..., newest last
+    history = deque([x.clone()], maxlen=int(taus.max()) + 1)   # x_t, x_{t-1}, ..., newest last
     g_batches = torch.Generator().manual_seed(config.seed + 777)
     rows, diverged, first, t0 = [], None, None, time.time()
     for t in range(config.num_steps):
-        with torch.no_grad():
-            vector_to_parameters(x, model.parameters())
-            loss = float(loss_fn(model(ds.X), ds.y))
+        loss = convex.loss_at(model, loss_fn, ds.X, ds.y, x)
         first = loss if first is None else first
         tau = min(int(taus[t]), t)                   # no parameters before step 0
         lr = config.lr / max(tau, 1) if config.staleness_aware else config.lr
@@ -144,147 +158,46 @@ def simulate(config: SimulatedStalenessConfig, run: str = "simulated",
             break
         idx = (torch.randint(len(ds.y), (config.batch_size,), generator=g_batches)
                if config.batch_size is not None else torch.arange(len(ds.y)))
-        _, g = gradient(model, loss_fn, ds.X[idx], ds.y[idx], history[-1 - tau])
-        if config.clip is not None:
-            g = g * min(1.0, config.clip / (float(g.norm()) + 1e-12))
-        x = x - lr * g
-        history.append(x)
+        _, x.grad = convex.flat_gradient(model, loss_fn, ds.X[idx], ds.y[idx],
+                                         history[-1 - tau], config.clip)
+        optimizer.param_groups[0]["lr"] = lr
+        optimizer.step()                             # x_{t+1} = x_t - lr_t g(x_{t - tau})
+        history.append(x.clone())
     df = pd.DataFrame(rows)
     df.insert(0, "run", run)
-    return SimulatedResult(x, df, diverged)
+    return SimulatedResult(x.detach(), df, diverged)
 
 
-def sweep(staleness_values, lrs, **config_kwargs) -> pd.DataFrame:
-    """Final loss over a grid of ``staleness x lr`` (simulated): a tidy frame for a heatmap.
+def train(config: SimulatedStalenessConfig, group=None) -> dict:
+    """The body of the one launched rank: :func:`simulate`, reporting every step's record.
 
-    Diverged runs get ``final_loss = inf``. Columns: ``staleness, lr, loss, diverged``.
+    ``group`` is accepted for the common verb set; the simulation talks to no other rank.
     """
-    rows = []
-    for s in staleness_values:
-        for lr in lrs:
-            r = simulate(SimulatedStalenessConfig(staleness=s, lr=lr, **config_kwargs))
-            rows.append({"staleness": s, "lr": lr, "diverged": r.diverged is not None,
-                         "loss": math.inf if r.diverged else r.final_loss})
-    return pd.DataFrame(rows)
-
-
-def _report_simulation(config: SimulatedStalenessConfig) -> dict:
-    # Runs inside a one-rank launch, so a widget can start it like a real run.
-    from distlab.metrics import report
     result = simulate(config, on_step=lambda rec: report(
         step=rec["step"], loss=rec["loss"], staleness=rec["staleness"], lr=rec["lr"]))
     if result.diverged:
         print(f"simulated run {result.diverged}", flush=True)
-    return {"params": result.params, "diverged": result.diverged}
+    return {"params": result.params, "diverged": result.diverged,
+            "loss": result.final_loss}
 
 
 def start(config: SimulatedStalenessConfig, **launch_kwargs):
-    """Run :func:`simulate` in one launched process (non-blocking), streaming its records."""
-    from distlab.launcher import start as _start
+    """Run :func:`train` in one launched process (non-blocking) and return the Run.
+
+    One process, so that a widget can start it, stream its records and stop it like a real
+    run; it is still a simulation.
+    """
     if not isinstance(config, SimulatedStalenessConfig):
         raise TypeError(f"config must be a SimulatedStalenessConfig, got "
                         f"{type(config).__name__}")
-    return _start(_report_simulation, 1, config, **launch_kwargs)
+    return _start(train, 1, config, **launch_kwargs)
 
 
-# ----------------------------------------------------------------------------------------
-# Lab 03's panel and figures: every mode behind one start function.
-# ----------------------------------------------------------------------------------------
-
-MODES = ("sync", "SSP", "async", "Hogwild", "simulated")
+def run(config: SimulatedStalenessConfig, **launch_kwargs) -> dict:
+    """:func:`start` and wait: the launched rank's result (``params``, ``diverged``, ``loss``)."""
+    return start(config, **launch_kwargs).result()[0]
 
 
-def start_mode(mode: str, workers: int = 3, staleness: int = 2, lr: float = 0.1,
-               staleness_aware: bool = False, straggler: float = 1.0, num_steps: int = 200,
-               target_loss: float | None = None, step_time: float = 0.01, on_metrics=None,
-               on_output=None, timeout: float | None = 300):
-    """Start one run of lab 03 (non-blocking) and return its :class:`distlab.Run`.
-
-    ``mode``: ``"sync"`` (parameter server, BSP), ``"SSP"`` (bound ``staleness``),
-    ``"async"`` (no bound), ``"Hogwild"`` (shared memory, sparse logistic regression) or
-    ``"simulated"`` (one process, delay ``staleness``: :func:`simulate`). The last of the
-    ``workers`` is slowed down ``straggler`` times; ``step_time`` is each gradient's
-    simulated compute, so that a straggler is visible on a 2-core machine.
-    """
-    from distlab.asynchronous import hogwild
-    from distlab.asynchronous import parameter_server as ps
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not one of {MODES}")
-    launch = dict(on_metrics=on_metrics, on_output=on_output, timeout=timeout)
-    if mode == "simulated":
-        return start(SimulatedStalenessConfig(staleness=staleness, lr=lr, num_steps=num_steps,
-                                              staleness_aware=staleness_aware), **launch)
-    if mode == "Hogwild":
-        return hogwild.start(hogwild.HogwildConfig(num_workers=workers, lr=lr,
-                                                   num_steps=20 * num_steps,
-                                                   eval_every=max(1, num_steps // 5)), **launch)
-    bound = {"sync": 0, "SSP": staleness, "async": None}[mode]
-    return ps.start(ps.ParameterServerConfig(
-        num_workers=workers, staleness=bound, lr=lr, num_steps=num_steps,
-        staleness_aware=staleness_aware, slowdown=(1.0,) * (workers - 1) + (straggler,),
-        step_time=step_time, target_loss=target_loss), **launch)
-
-
-def run_name(values: dict) -> str:
-    """A short legend entry for the panel's values: ``"async · 3 workers · lr=0.1"``."""
-    mode = values["mode"]
-    parts = [mode if mode != "SSP" else f"SSP s={values['staleness']}"]
-    if mode == "simulated":
-        parts = [f"simulated τ={values['staleness']}"]
-    if mode not in ("simulated",):
-        parts.append(f"{values['workers']} workers")
-    parts.append(f"lr={values['lr']:g}")
-    if values.get("staleness_aware") and mode not in ("sync", "Hogwild"):
-        parts.append("lr/τ")
-    if values.get("straggler", 1) > 1 and mode in ("sync", "SSP", "async"):
-        parts.append(f"straggler ×{values['straggler']:g}")
-    return " · ".join(parts)
-
-
-def staleness_histogram(df: pd.DataFrame):
-    """Overlaid histograms of the measured ``staleness`` of each run's gradients."""
-    import plotly.graph_objects as go
-    fig = go.Figure(layout=dict(title="measured staleness of the applied gradients",
-                                xaxis_title="staleness (updates)", yaxis_title="gradients",
-                                barmode="overlay", template="plotly_white", height=340))
-    for run, part in df.dropna(subset=["staleness"]).groupby("run"):
-        fig.add_histogram(x=part["staleness"], name=run, opacity=0.6, xbins=dict(size=1))
-    return fig
-
-
-def throughput(df: pd.DataFrame) -> pd.DataFrame:
-    """Gradients per second of every worker (ranks that report ``staleness``), per run."""
-    rows = []
-    for (run, rank), part in df.dropna(subset=["staleness"]).groupby(["run", "rank"]):
-        span = part["time"].max() - part["time"].min()
-        if len(part) > 1 and span > 0:
-            rows.append({"run": run, "rank": rank, "updates_per_s": (len(part) - 1) / span})
-    return pd.DataFrame(rows, columns=["run", "rank", "updates_per_s"])
-
-
-def throughput_figure(df: pd.DataFrame):
-    """Bars of :func:`throughput`: each worker's gradients per second, runs side by side."""
-    import plotly.graph_objects as go
-    fig = go.Figure(layout=dict(title="throughput per worker", xaxis_title="rank",
-                                yaxis_title="gradients per second", barmode="group",
-                                template="plotly_white", height=340))
-    for run, part in throughput(df).groupby("run"):
-        fig.add_bar(x=part["rank"], y=part["updates_per_s"], name=run)
-    return fig
-
-
-def sweep_heatmap(df: pd.DataFrame):
-    """Heatmap of :func:`sweep`: log10 of the final loss over staleness x lr (simulated)."""
-    import numpy as np
-    import plotly.graph_objects as go
-    table = df.pivot(index="staleness", columns="lr", values="loss")
-    z = np.log10(table.to_numpy().clip(max=1e6))
-    text = [["diverged" if not np.isfinite(v) else f"{v:.3g}" for v in row]
-            for row in table.to_numpy()]
-    return go.Figure(go.Heatmap(z=z, x=[f"{c:g}" for c in table.columns],
-                                y=[str(i) for i in table.index], text=text,
-                                texttemplate="%{text}", colorscale="Viridis",
-                                colorbar=dict(title="log10 loss")),
-                     layout=dict(title="final loss (simulated): staleness x learning rate",
-                                 xaxis_title="lr", yaxis_title="staleness τ (updates)",
-                                 template="plotly_white", height=380))
+def reference(config: SimulatedStalenessConfig) -> torch.Tensor:
+    """The final parameters :func:`train` must reproduce: :func:`simulate` in this process."""
+    return simulate(config).params

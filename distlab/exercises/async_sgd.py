@@ -9,7 +9,7 @@ replays the server's log to see whether any worker ran too far ahead.
 """
 from __future__ import annotations
 
-from distlab.exercises import Verdict, register
+from distlab.exercises import Verdict, launch_student, register
 
 CASES = [  # (clock, clocks of the live workers, staleness, expected)
     (0, [0, 0, 0], 0, True), (1, [1, 0, 1], 0, False), (1, [1, 1, 1], 0, True),
@@ -44,17 +44,18 @@ def check_ssp_wait(student_fn, staleness: int = 1, num_workers: int = 3,
             return Verdict(False, f"may_proceed(clock={clock}, clocks={clocks}, "
                                   f"staleness={s}) returned {got!r}, expected {expected}: {why}.")
 
-    from distlab import WorkerError
     from distlab.asynchronous import parameter_server as ps
     config = ps.ParameterServerConfig(
         num_workers=num_workers, staleness=staleness, lr=0.02, num_steps=45,
         step_time=0.004, slowdown=(1,) * (num_workers - 1) + (4,), wait_rule=student_fn)
-    try:
-        result = ps.train(config, timeout=timeout, on_output=lambda *a: None)
-    except WorkerError as e:
-        return Verdict(False, f"on the real server (rank {e.rank}): {e.reason}")
+    results, verdict = launch_student(
+        "may_proceed", student_fn, ps.train, config.world_size, config, timeout=timeout,
+        hang_hint="a rule that never lets the slowest worker go on stops every worker")
+    if verdict is not None:
+        return Verdict(False, f"on the real server, {verdict.message}")
+    server = results[0]
     pushed, loosest = [0] * num_workers, 0
-    for event in result.servers[0]["log"]:
+    for event in server["log"]:
         if event[0] == "push":
             pushed[event[1]] = event[2] + 1
             continue
@@ -72,4 +73,4 @@ def check_ssp_wait(student_fn, staleness: int = 1, num_workers: int = 3,
                               f"BSP); let a worker go on while clock - min(clocks) <= s.")
     return Verdict(True, f"every case right, and on {num_workers + 1} real processes with a 4x "
                          f"straggler no worker ran more than {staleness} clock(s) ahead "
-                         f"({result.servers[0]['version']} updates).")
+                         f"({server['version']} updates).")
