@@ -70,10 +70,10 @@ def tensor_parallel_worker():
     return {"single": single, "distlab": t_ours, "torch": t_theirs, "bytes": ours_bytes}
 
 
-def pipeline_worker(config, workload):
+def pipeline_worker(config):
     from distlab.model_parallel import pipeline
     t = time.perf_counter()
-    result = pipeline.train(config, workload)
+    result = pipeline.train(config)
     return time.perf_counter() - t, result
 
 
@@ -86,14 +86,14 @@ def main():
                  float("nan")))
 
     from distlab.model_parallel import pipeline
-    from distlab.problems.workloads import Workload, train_reference
+    from distlab.problems.workloads import Workload
     wl = Workload("mlp", hidden=512, depth=3, batch_size=256, num_steps=20).loaded()
     torch.set_num_threads(1)          # as each worker: one thread per rank
     t = time.perf_counter()
-    train_reference(wl)
+    pipeline.reference(pipeline.PipelineConfig(wl, 2, 4))
     single = (time.perf_counter() - t) / wl.num_steps
     for sched in pipeline.SCHEDULES:
-        res = distlab.launch(pipeline_worker, 2, pipeline.PipelineConfig(2, 4, sched), wl)
+        res = distlab.launch(pipeline_worker, 2, pipeline.PipelineConfig(wl, 2, 4, sched))
         per_step = max(r[0] for r in res) / wl.num_steps     # build + train, slowest rank
         rows.append((f"pipeline {sched}, 2 stages, m=4, step (ms)", per_step * 1e3,
                      float("nan"), per_step / single))

@@ -4,7 +4,9 @@
   each microbatch (numbered), sends, receives, and idle time (the bubble);
 * :func:`bubble_figure` - measured bubble fraction against the ideal (p - 1)/(m + p - 1);
 * :func:`memory_figure` - peak activation memory per rank, GPipe against 1F1B;
-* :func:`comm_volume_figure` - bytes sent per rank and step, tensor against data parallel.
+* :func:`comm_volume_figure` - bytes sent per rank and step, tensor against data parallel;
+
+and :func:`pipeline_summary`, the table the bubble and memory figures are drawn from.
 """
 from __future__ import annotations
 
@@ -12,16 +14,37 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from distlab.model_parallel.pipeline import bubble_fraction
+from distlab.model_parallel.timeline import measured_bubble, step_index
 
 COLORS = {"forward": "#4c78a8", "backward": "#f58518", "send": "#54a24b", "recv": "#72b7b2",
           "idle": "#e45756"}
+
+
+def pipeline_summary(runs: list[list[dict]]) -> pd.DataFrame:
+    """One row per run and rank: schedule, m, measured and ideal bubble, peak activations.
+
+    ``runs``: for each pipeline run, every rank's result of
+    :func:`distlab.model_parallel.pipeline.train`.
+    """
+    rows = []
+    for results in runs:
+        c = results[0]["config"]
+        bubble = measured_bubble(results)
+        for r in results:
+            rows.append(dict(schedule=c.schedule, num_stages=c.num_stages,
+                             num_microbatches=c.num_microbatches, rank=r["rank"],
+                             measured_bubble=bubble,
+                             ideal_bubble=bubble_fraction(c.num_stages, c.num_microbatches),
+                             peak_activations=r["peak_activations"],
+                             peak_activation_bytes=r["peak_activation_bytes"]))
+    return pd.DataFrame(rows)
 
 
 def gantt_figure(results: list[dict], step: int = -1, title: str | None = None) -> go.Figure:
     """Timeline of one training ``step`` of a pipeline run (every rank's result of
     :func:`distlab.model_parallel.pipeline.train`), in milliseconds from the step's start."""
     events = pd.DataFrame([e for r in results for e in r["events"]])
-    step = step % (events["step"].max() + 1)
+    step = step_index(step, int(events["step"].max()) + 1)
     df = events[events["step"] == step].copy()
     t0 = df["start"].min()
     df["start_ms"], df["ms"] = (df["start"] - t0) * 1e3, (df["end"] - df["start"]) * 1e3
@@ -50,7 +73,7 @@ def gantt_figure(results: list[dict], step: int = -1, title: str | None = None) 
 
 
 def bubble_figure(summary: pd.DataFrame) -> go.Figure:
-    """Measured bubble fraction (:func:`distlab.model_parallel.pipeline.summary`) against the formula."""
+    """Measured bubble fraction (:func:`pipeline_summary`) against the formula."""
     fig = go.Figure(layout=dict(title="pipeline bubble: measured against (p-1)/(m+p-1)",
                                 xaxis_title="microbatches m", yaxis_title="bubble fraction",
                                 template="plotly_white", height=360, yaxis_range=[0, 1]))
@@ -61,7 +84,7 @@ def bubble_figure(summary: pd.DataFrame) -> go.Figure:
                         mode="lines+markers", name=f"measured, {sched}, p={p}")
     for p, part in runs.groupby("num_stages"):
         ms = sorted(part["num_microbatches"].unique())
-        fig.add_scatter(x=ms, y=[bubble_fraction(p, m) for m in ms], mode="lines",
+        fig.add_scatter(x=ms, y=[bubble_fraction(int(p), int(m)) for m in ms], mode="lines",
                         line=dict(dash="dash", color="black"), name=f"(p-1)/(m+p-1), p={p}")
     return fig
 
@@ -69,6 +92,9 @@ def bubble_figure(summary: pd.DataFrame) -> go.Figure:
 def memory_figure(summary: pd.DataFrame, num_microbatches: int | None = None) -> go.Figure:
     """Peak activation memory per rank (KiB), one bar group per schedule."""
     m = num_microbatches or summary["num_microbatches"].max()
+    if m not in set(summary["num_microbatches"]):
+        raise ValueError(f"num_microbatches={m!r} is not among the runs' "
+                         f"{sorted(set(summary['num_microbatches']))}")
     df = summary[summary["num_microbatches"] == m]
     fig = go.Figure(layout=dict(
         title=f"peak activation memory per rank, m={m} microbatches", barmode="group",

@@ -14,8 +14,8 @@ from typing import Callable
 
 import torch
 
-from distlab.launcher import WorkerError, launch
-from distlab.exercises import Verdict, register
+from distlab.checks import is_int
+from distlab.exercises import Verdict, launch_student, register
 
 IN_FEATURES, OUT_FEATURES = 12, 5
 
@@ -62,17 +62,14 @@ def check_row_parallel_forward(student_fn: Callable, world_size: int = 2) -> Ver
     The input has 12 features split evenly over the ranks (``world_size`` 2, 3, 4 or 6);
     every rank must return the full (4, 5) output ``X W^T + b``.
     """
-    if not callable(student_fn):
-        return Verdict(False, f"row_parallel_forward must be a function, "
-                              f"got {type(student_fn).__name__}")
-    if IN_FEATURES % world_size:
-        raise ValueError(f"world_size={world_size} must divide {IN_FEATURES}: use 2, 3, 4 or 6")
-    try:
-        results = launch(_run_student, world_size, student_fn, timeout=30)
-    except WorkerError as e:
-        hint = (" If it hung, every rank must make the same collective calls in the same order."
-                if "timed out" in e.reason else "")
-        return Verdict(False, f"rank {e.rank} failed: {e.reason}.{hint}")
+    if not (is_int(world_size) and world_size in (2, 3, 4, 6)):
+        raise ValueError(f"world_size={world_size!r} is out of range; allowed 2, 3, 4 or 6 "
+                         f"(it must divide the {IN_FEATURES} input features)")
+    results, verdict = launch_student(
+        "row_parallel_forward", student_fn, _run_student, world_size, student_fn,
+        hang_hint="every rank must make the same collective calls in the same order")
+    if verdict is not None:
+        return verdict
     X, W, b = _problem(world_size)
     want = X @ W.T + b
     for rank, res in enumerate(results):

@@ -135,12 +135,42 @@ def column_shard(t: torch.Tensor, rank: int, degree: int, parts: int = 1) -> tor
     ``parts`` > 1 for stacked matrices such as attention's fused [Q; K; V]: each part is
     split separately, so every rank gets whole heads of Q, K and V.
     """
+    _check_shard(rank, degree, parts)
+    check_divisible("rows", t.shape[0] // parts, degree)
     return torch.cat([p.chunk(degree, dim=0)[rank] for p in t.chunk(parts, dim=0)], dim=0)
 
 
 def row_shard(t: torch.Tensor, rank: int, degree: int) -> torch.Tensor:
     """Rank ``rank``'s columns of a weight (out, in): its input units."""
+    _check_shard(rank, degree)
+    check_divisible("columns", t.shape[1], degree)
     return t.chunk(degree, dim=1)[rank]
+
+
+def _check_shard(rank: int, degree: int, parts: int = 1) -> None:
+    if not (is_int(degree) and degree >= 1 and is_int(parts) and parts >= 1):
+        raise ValueError(f"degree={degree!r}, parts={parts!r}: allowed ints >= 1")
+    if not (is_int(rank) and 0 <= rank < degree):
+        raise ValueError(f"rank={rank!r} is out of range; allowed an int in 0..{degree - 1}")
+
+
+def _parameter(t: torch.Tensor) -> nn.Parameter:
+    """A parameter holding a copy of ``t``: same dtype, device, and frozen if ``t`` is."""
+    return nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Module) -> nn.Linear:
+    """A full ``nn.Linear`` holding ``weight`` and ``bias``, as trainable as ``like``'s."""
+    full = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                     dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        full.weight.copy_(weight)
+        if bias is not None:
+            full.bias.copy_(bias)
+    full.weight.requires_grad_(like.weight.requires_grad)
+    if bias is not None:
+        full.bias.requires_grad_(like.bias.requires_grad)
+    return full
 
 
 def _gather(shard: torch.Tensor, dim: int, group, parts: int = 1) -> torch.Tensor:
@@ -167,8 +197,8 @@ class ColumnParallelLinear(nn.Module):
                  parts: int = 1):
         super().__init__()
         self.group, self.parts = group, parts
-        self.weight = nn.Parameter(weight.detach().clone())      # (out/p, in)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.weight = _parameter(weight)                          # (out/p, in)
+        self.bias = None if bias is None else _parameter(bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group=None, parts: int = 1):
@@ -184,12 +214,8 @@ class ColumnParallelLinear(nn.Module):
     def gather(self) -> nn.Linear:
         """The full ``nn.Linear`` (every rank gets it; a collective over ``group``)."""
         w = _gather(self.weight, 0, self.group, self.parts)
-        full = nn.Linear(w.shape[1], w.shape[0], bias=self.bias is not None)
-        with torch.no_grad():
-            full.weight.copy_(w)
-            if self.bias is not None:
-                full.bias.copy_(_gather(self.bias, 0, self.group, self.parts))
-        return full
+        b = None if self.bias is None else _gather(self.bias, 0, self.group, self.parts)
+        return _linear(w, b, self)
 
 
 class RowParallelLinear(nn.Module):
@@ -202,8 +228,8 @@ class RowParallelLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group=None):
         super().__init__()
         self.group = group
-        self.weight = nn.Parameter(weight.detach().clone())      # (out, in/p)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.weight = _parameter(weight)                          # (out, in/p)
+        self.bias = None if bias is None else _parameter(bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group=None):
@@ -218,13 +244,7 @@ class RowParallelLinear(nn.Module):
 
     def gather(self) -> nn.Linear:
         """The full ``nn.Linear`` (every rank gets it; a collective over ``group``)."""
-        w = _gather(self.weight, 1, self.group)
-        full = nn.Linear(w.shape[1], w.shape[0], bias=self.bias is not None)
-        with torch.no_grad():
-            full.weight.copy_(w)
-            if self.bias is not None:
-                full.bias.copy_(self.bias)
-        return full
+        return _linear(_gather(self.weight, 1, self.group), self.bias, self)
 
 
 class ParallelMLP(nn.Module):
@@ -276,11 +296,21 @@ def shard_mlp(model: nn.Sequential, group=None) -> nn.Sequential:
     Linear layers are paired: the first of each pair column-parallel, the second
     row-parallel, so there is one all-reduce per pair. An unpaired last Linear (the
     classifier of an even-depth MLP) stays replicated: its input is already whole.
+    Between the two linears of a pair the hidden units are split, so only elementwise
+    layers without weights or buffers (activations) may sit there; outside the pairs any
+    layer does (a BatchNorm there sees the whole batch on every rank).
     """
     layers = list(model)
     linear_at = [i for i, m in enumerate(layers) if isinstance(m, nn.Linear)]
     out = [copy.deepcopy(m) for m in layers]
     for a, b in zip(linear_at[0::2], linear_at[1::2]):
+        for i in range(a + 1, b):
+            if list(layers[i].parameters()) + list(layers[i].buffers()):
+                raise ValueError(
+                    f"layer {i} ({type(layers[i]).__name__}) sits between the column-parallel "
+                    f"layer {a} and the row-parallel layer {b}, where each rank holds only "
+                    "its slice of the hidden units; only elementwise activations may go "
+                    f"there: move it before layer {a} or after layer {b}, or use tp=1")
         out[a] = ColumnParallelLinear.from_linear(layers[a], group)
         out[b] = RowParallelLinear.from_linear(layers[b], group)
     return nn.Sequential(*out)

@@ -131,11 +131,11 @@ def test_uneven_splits_are_refused_before_launch():
         tp.TensorParallelConfig(degree=2, hidden=32, num_heads=3)
     with pytest.raises(ValueError, match=r"degree=0"):
         tp.TensorParallelConfig(degree=0, hidden=8)
-    # The training entry point checks before any process starts.
+    # The training config checks when it is made, before any process starts.
     with pytest.raises(ValueError, match=r"hidden=10 is not divisible"):
-        mesh.start(mesh.MeshConfig(dp=1, tp=4), Workload(hidden=10))
+        mesh.MeshConfig(Workload(hidden=10), dp=1, tp=4)
     with pytest.raises(ValueError, match=r"num_heads=2 is not divisible"):
-        mesh.start(mesh.MeshConfig(dp=1, tp=4), Workload("transformer", hidden=32, num_heads=2))
+        mesh.MeshConfig(Workload("transformer", hidden=32, num_heads=2), dp=1, tp=4)
 
 
 def test_column_and_row_shards_tile_the_weight():
@@ -161,3 +161,23 @@ def test_row_parallel_exercise_checker():
     verdict = ex.check_row_parallel_forward(lambda x, w, b, group=None: x @ w.T + b)
     assert not verdict.ok and "only this rank's partial product" in verdict.message
     assert "row_parallel_forward" in distlab.exercises.names()
+
+
+def test_shards_refuse_bad_ranks_and_uneven_splits():
+    w = torch.zeros(6, 4)
+    with pytest.raises(ValueError, match=r"rank=2 is out of range; allowed an int in 0..1"):
+        tp.column_shard(w, 2, 2)
+    with pytest.raises(ValueError, match=r"degree=0"):
+        tp.row_shard(w, 0, 0)
+    with pytest.raises(ValueError, match=r"rows=6 is not divisible by the tensor-parallel degree 4"):
+        tp.column_shard(w, 0, 4)
+    with pytest.raises(ValueError, match=r"columns=4 is not divisible .* degree 3"):
+        tp.row_shard(w, 0, 3)
+
+
+def test_row_parallel_exercise_checker_refuses_what_it_cannot_run():
+    from distlab.exercises import model_parallel as ex
+    verdict = ex.check_row_parallel_forward(42)
+    assert not verdict.ok and "must be a function" in verdict.message
+    with pytest.raises(ValueError, match=r"world_size=5 is out of range; allowed 2, 3, 4 or 6"):
+        ex.check_row_parallel_forward(ex.row_parallel_forward, world_size=5)
