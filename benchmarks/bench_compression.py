@@ -28,23 +28,29 @@ import torch.distributed as dist
 
 import distlab
 from distlab import comm
+from distlab.communication import alpha_beta
 from distlab.communication_efficient import local_sgd
-from distlab.communication_efficient.compression import METHODS, all_reduce_compressed, bytes_sent_per_call, make_compressor
+from distlab.communication_efficient.compression import (METHODS, all_reduce_compressed,
+                                                         bytes_sent_per_call, make_compressor)
+from distlab.problems.data import digits
+from distlab.problems.models import mlp
 
 STEPS, PERIOD, N, REPEATS = 200, 8, 2 ** 20, 5
 ALPHA, BANDWIDTH = 50e-6, 1.25e8          # simulated network: 50 us, 1 Gbit/s
 
 
-def _torch_local_sgd(config, data):
+def _torch_local_sgd(config):
     """Local SGD with PyTorch's own PeriodicModelAverager (averages after steps 8, 16, ...)."""
     import torch.nn.functional as F
     from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
     rank, p = dist.get_rank(), dist.get_world_size()
-    shard = local_sgd._shards(data, config, p)[rank]
-    model = local_sgd.mlp(64, config.hidden, 10, depth=1, seed=config.seed)
+    data = digits(seed=config.seed)
+    shard = local_sgd.split(data, config.shards, p, config.classes_per_rank, config.seed)[rank]
+    model = mlp(64, config.hidden, 10, depth=1, seed=config.seed)
     opt = torch.optim.SGD(model.parameters(), lr=config.lr)
     averager = PeriodicModelAverager(period=config.period, warmup_steps=config.period - 1)
-    batches = local_sgd._batches(shard, config.batch_size, seed=config.seed * 1000 + rank + 1)
+    batches = local_sgd.sample_batches(shard, config.batch_size,
+                                       seed=config.seed * 1000 + rank + 1)
     for step in range(1, config.num_steps + 1):
         idx = next(batches)
         opt.zero_grad()
@@ -56,16 +62,16 @@ def _torch_local_sgd(config, data):
     return torch.cat([w.detach().reshape(-1) for w in model.parameters()])
 
 
-def local_sgd_worker(config, data):
+def local_sgd_worker(config):
     times = {"distlab": [], "pytorch": []}
     for _ in range(3):                            # interleaved: both see the same machine load
         dist.barrier()
         t0 = time.perf_counter()
-        ours = torch.tensor(local_sgd.train(config, record=lambda **r: None, data=data))
+        ours = torch.tensor(local_sgd.train(config, record=lambda **r: None)["params"])
         times["distlab"].append(time.perf_counter() - t0)
         dist.barrier()
         t0 = time.perf_counter()
-        theirs = _torch_local_sgd(config, data)
+        theirs = _torch_local_sgd(config)
         times["pytorch"].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}, (ours - theirs).abs().max().item()
 
@@ -81,7 +87,6 @@ def _timed(fn):
 
 
 def compression_worker():
-    p = dist.get_world_size()
     x = torch.randn(N, generator=torch.Generator().manual_seed(dist.get_rank()))
     rows = {"pytorch all_reduce fp32": (_timed(lambda: dist.all_reduce(x.clone())), None),
             "pytorch all_reduce fp16 (fp16_compress_hook)":
@@ -97,8 +102,11 @@ def compression_worker():
 
 
 def simulated(nbytes, method, p):
-    steps = 2 * (p - 1) if method in ("none", "randomk", "fp16", "bf16") else p - 1
-    return steps * ALPHA + nbytes / BANDWIDTH
+    """Seconds on the simulated network: a ring all-reduce of summable payloads, else a ring
+    all-gather (``nbytes`` is what one rank sends)."""
+    op = "all_reduce" if make_compressor(method).summable else "all_gather"
+    return alpha_beta.ledger_time({op: {"calls": 1, "bytes_sent": nbytes}}, p, ALPHA,
+                                  1 / BANDWIDTH)
 
 
 def main():
@@ -107,9 +115,9 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/compression.md")
     args = ap.parse_args()
     distlab.warm_up()
-    data = local_sgd.digits()
-    config = local_sgd.LocalSGDConfig(num_steps=STEPS, period=PERIOD)
-    lines = [f"# Communication-efficient training: distlab against PyTorch\n",
+    configs = {p: local_sgd.LocalSGDConfig(world_size=p, num_steps=STEPS, period=PERIOD)
+               for p in args.sizes}
+    lines = ["# Communication-efficient training: distlab against PyTorch\n",
              f"Command: `.venv/bin/python benchmarks/bench_compression.py "
              f"--sizes {' '.join(map(str, args.sizes))}`  ",
              f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
@@ -118,7 +126,7 @@ def main():
              "| ranks | distlab (s) | PyTorch (s) | ratio | max abs param diff | targets (<= 1.2x, <= 1e-5) |",
              "|---|---|---|---|---|---|"]
     for p in args.sizes:
-        res = distlab.launch(local_sgd_worker, p, config, data, timeout=600)
+        res = distlab.launch(local_sgd_worker, p, configs[p], timeout=600)
         times, diff = res[0]
         ratio = times["distlab"] / times["pytorch"]
         ok = "met" if ratio <= 1.2 and diff <= 1e-5 else "NOT met"

@@ -51,7 +51,8 @@ import torch
 import torch.distributed as dist
 
 from distlab import comm
-from distlab.checks import is_number
+from distlab.checks import is_int, is_number, require
+from distlab.communication import alpha_beta
 
 METHODS = ("none", "topk", "randomk", "sign", "fp16", "bf16")
 
@@ -91,6 +92,7 @@ class TopK(Compressor):
 
     def __init__(self, ratio: float = 0.01):
         self.ratio = ratio
+        require(self, "ratio", is_number(ratio) and 0 < ratio <= 1, "(0, 1]")
 
     def num_kept(self, numel: int) -> int:
         return max(1, min(numel, round(self.ratio * numel)))
@@ -103,7 +105,7 @@ class TopK(Compressor):
     def decompress(self, payload, numel):
         k = payload.numel() // 2
         values, indices = payload[:k].view(torch.float32), payload[k:].long()
-        return torch.zeros(numel).index_put_((indices,), values)
+        return torch.zeros(numel, device=payload.device).index_put_((indices,), values)
 
     def payload_bytes(self, numel):
         return 8 * self.num_kept(numel)
@@ -124,6 +126,8 @@ class RandomK(Compressor):
 
     def __init__(self, ratio: float = 0.01, seed: int = 0):
         self.ratio, self.seed, self.calls = ratio, seed, 0
+        require(self, "ratio", is_number(ratio) and 0 < ratio <= 1, "(0, 1]")
+        require(self, "seed", is_int(seed) and 0 <= seed <= 2 ** 31, "integers 0..2^31")
         self._indices: torch.Tensor | None = None
 
     def num_kept(self, numel: int) -> int:
@@ -132,12 +136,14 @@ class RandomK(Compressor):
     def compress(self, x):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)
         self.calls += 1
-        self._indices = torch.randperm(x.numel(), generator=g)[: self.num_kept(x.numel())]
+        self._indices = (torch.randperm(x.numel(), generator=g)[: self.num_kept(x.numel())]
+                         .to(x.device))
         return x[self._indices].clone()                     # (k,)
 
     def decompress(self, payload, numel):
         # The indices of the latest compress() call: the same on every rank.
-        return torch.zeros(numel).index_put_((self._indices,), payload.float())
+        return torch.zeros(numel, device=payload.device).index_put_((self._indices,),
+                                                                     payload.float())
 
     def payload_bytes(self, numel):
         return 4 * self.num_kept(numel)
@@ -158,15 +164,16 @@ class Sign(Compressor):
 
     def compress(self, x):
         n = x.numel()
-        bits = torch.zeros(8 * math.ceil(n / 8), dtype=torch.uint8)
+        bits = torch.zeros(8 * math.ceil(n / 8), dtype=torch.uint8, device=x.device)
         bits[:n] = (x >= 0).to(torch.uint8)
-        packed = (bits.view(-1, 8) * self._weights).sum(1, dtype=torch.uint8)  # (ceil(n/8),)
+        weights = self._weights.to(x.device)
+        packed = (bits.view(-1, 8) * weights).sum(1, dtype=torch.uint8)    # (ceil(n/8),)
         scale = (x.abs().sum() / n).reshape(1).float()
         return torch.cat([packed, scale.view(torch.uint8)])
 
     def decompress(self, payload, numel):
         packed, scale = payload[:-4], payload[-4:].clone().view(torch.float32)
-        bits = (packed.unsqueeze(1) & self._weights).ne(0).reshape(-1)[:numel]
+        bits = (packed.unsqueeze(1) & self._weights.to(payload.device)).ne(0).reshape(-1)[:numel]
         return torch.where(bits, scale, -scale)
 
     def payload_bytes(self, numel):
@@ -183,6 +190,8 @@ class LowPrecision(Compressor):
 
     def __init__(self, dtype: torch.dtype = torch.float16):
         self.dtype = dtype
+        require(self, "dtype", dtype in (torch.float16, torch.bfloat16),
+                "torch.float16 or torch.bfloat16")
         self.name = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
     def compress(self, x):
@@ -196,11 +205,14 @@ class LowPrecision(Compressor):
 
 
 def make_compressor(method: str, ratio: float = 0.01, seed: int = 0) -> Compressor:
-    """The compressor called ``method`` (one of :data:`METHODS`); ``ratio`` for top-k/random-k."""
+    """The compressor called ``method`` (one of :data:`METHODS`); ``ratio`` (in (0, 1]) and
+    ``seed`` (0..2^31) are used by top-k and random-k, and checked whatever the method."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not a compressor; allowed {METHODS}")
-    if method in ("topk", "randomk") and not (is_number(ratio) and 0 < ratio <= 1):
+    if not (is_number(ratio) and 0 < ratio <= 1):
         raise ValueError(f"ratio={ratio!r} is out of range; allowed (0, 1]")
+    if not (is_int(seed) and 0 <= seed <= 2 ** 31):
+        raise ValueError(f"seed={seed!r} is out of range; allowed integers 0..2^31")
     return {"none": Compressor, "topk": lambda: TopK(ratio),
             "randomk": lambda: RandomK(ratio, seed), "sign": Sign,
             "fp16": lambda: LowPrecision(torch.float16),
@@ -250,8 +262,17 @@ def all_reduce_compressed(x: torch.Tensor, compressor: Compressor,
 def bytes_sent_per_call(compressor: Compressor, numel: int, world_size: int) -> int:
     """Bytes one rank sends in :func:`all_reduce_compressed` of ``numel`` coordinates.
 
-    The ledger's ring volumes: ``2(p-1)/p·b`` for an all-reduce (rounded down, as
-    :func:`distlab.comm.all_reduce` counts), ``(p-1)·b`` for an all-gather.
+    The ledger's ring volumes (:mod:`distlab.communication.alpha_beta`): ``2(p-1)/p·b`` for
+    an all-reduce of the b-byte payload (rounded down, as :func:`distlab.comm.all_reduce`
+    counts), ``(p-1)·b`` for an all-gather of p payloads.
     """
+    if not isinstance(compressor, Compressor):
+        raise ValueError(f"compressor={compressor!r} is out of range; allowed a Compressor")
+    if not (is_int(numel) and numel >= 1):
+        raise ValueError(f"numel={numel!r} is out of range; allowed integers >= 1")
+    if not (is_int(world_size) and world_size >= 1):
+        raise ValueError(f"world_size={world_size!r} is out of range; allowed integers >= 1")
     b, p = compressor.payload_bytes(numel), world_size
-    return 2 * (p - 1) * b // p if compressor.summable else (p - 1) * b
+    if compressor.summable:
+        return alpha_beta.ring_all_reduce_bytes(b, p)
+    return alpha_beta.ring_all_gather_bytes(p * b, p)

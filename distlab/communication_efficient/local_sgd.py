@@ -1,8 +1,8 @@
-"""Communicate less often: local SGD and federated averaging (and compressed updates).
+"""Communicate less often: local SGD (periodic model averaging), compressed or not.
 
-**Local SGD** (periodic model averaging; Stich 2019, "Local SGD converges fast and
-communicates little", algorithm 1): every rank takes ``period`` = H plain SGD steps on its
-own shard, then the ranks average their models::
+**Local SGD** (Stich 2019, "Local SGD converges fast and communicates little", algorithm 1):
+every rank takes ``period`` = H SGD steps on its own shard, then the ranks average their
+models::
 
     x_r <- x_r - lr * grad f_r(x_r)                  (H times, no communication)
     x   <- (1/p) sum_r x_r,   x_r <- x                (one all-reduce every H steps)
@@ -12,61 +12,50 @@ gradients); larger H divides the traffic by H, at the price of the local models 
 apart in between ("divergence", reported as ``||x_r - x||^2`` just before each average).
 Here the ranks average their *updates* ``x_r - x`` rather than the models, which is the
 same thing uncompressed and lets the update be compressed with error feedback
-(:mod:`distlab.communication_efficient.compression`; with H = 1 that is compressed SGD, Karimireddy et al. 2019).
+(:mod:`distlab.communication_efficient.compression`; with H = 1 that is compressed SGD,
+Karimireddy et al. 2019). With ``optimizer`` Adam, LAMB or 1-bit Adam
+(:mod:`distlab.communication_efficient.optimizers`) the ranks instead average gradients at
+every step (1-bit Adam does its own communication).
 
-**Federated averaging** (McMahan et al. 2017, algorithm 1, "FedAvg"): K clients each hold
-their own data. Each round a fraction C of them is sampled; each runs E local steps from
-the global model; the new global model is their average weighted by data size n_k. The p
-processes host the clients (client k lives on rank k mod p); one all-reduce per round sums
-``[sum n_k x_k, sum n_k]``. On label-skewed (non-IID) clients
-(:func:`distlab.problems.data.label_skewed_shards`) local models pull towards their own classes and
-FedAvg slows down (McMahan et al. 2017, section 3; Zhao et al. 2018).
-
-Communication (alpha-beta model, n parameters, p ranks), per H local steps or per round:
-``2(p-1) alpha + 2(p-1)/p·4n beta`` uncompressed, or the compressed cost of
-:func:`distlab.communication_efficient.compression.all_reduce_compressed`. :func:`simulated_comm_time` turns the
-ledger into time on a simulated network of a given latency and bandwidth (labelled
-"simulated": nothing is slowed down for real).
+Communication (alpha-beta model, :mod:`distlab.communication.alpha_beta`; n parameters, p
+ranks), per H local steps: one ring all-reduce of 4n bytes,
+``2(p-1) alpha + 2(p-1)/p·4n beta``, or the compressed cost of
+:func:`distlab.communication_efficient.compression.all_reduce_compressed`. The records'
+``sim_time`` puts the ledger's traffic on a simulated network of the config's latency and
+bandwidth (:func:`distlab.communication.alpha_beta.ledger_time`; nothing is slowed down for
+real). Federated averaging, the same idea with sampled clients, is
+:mod:`distlab.communication_efficient.fedavg`.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from distlab import comm
-from distlab.communication_efficient.compression import METHODS, Compressor, all_reduce_compressed, make_compressor
+from distlab import comm, launcher
 from distlab.checks import is_int, is_number, require
-from distlab.problems.data import digits, label_skewed_shards, shard_indices
-from distlab.launcher import Run, launch, start
-from distlab.metrics import report
-from distlab.problems.models import mlp
+from distlab.communication import alpha_beta
+from distlab.communication_efficient.compression import (METHODS, all_reduce_compressed,
+                                                         make_compressor)
 from distlab.communication_efficient.optimizers import LAMB, OneBitAdam
+from distlab.data_parallel.ddp import average_gradients
+from distlab.metrics import report
+from distlab.problems.data import digits, label_skewed_shards, shard_indices
+from distlab.problems.models import mlp
 
 OPTIMIZERS = ("sgd", "adam", "lamb", "onebit_adam")
 SHARDS = ("iid", "label_skewed")
 
 
-def _validate(config, ints=(), floats=(), choices=()):
-    """Check the fields named in tables: ``(name, lo, hi)`` ints in lo..hi, floats in (lo, hi]."""
-    for name, lo, hi in ints:
-        v = getattr(config, name)
-        require(config, name, is_int(v) and lo <= v <= hi, f"integers {lo}..{hi}")
-    for name, lo, hi in floats:
-        v = getattr(config, name)
-        require(config, name, is_number(v) and lo < v <= hi, f"({lo:g}, {hi:g}]")
-    for name, allowed in choices:
-        require(config, name, getattr(config, name) in allowed, f"one of {allowed}")
-
-
 @dataclass(frozen=True)
 class LocalSGDConfig:
-    """Local SGD (or synchronous training when ``period`` = 1) on scikit-learn's digits."""
+    """Local SGD (or synchronous training when ``period`` = 1) of an MLP on the digits."""
+    world_size: int = 2
+    """Processes (ranks), each with its own shard, 1 to 64."""
     num_steps: int = 200
     """Local steps per rank, 1 to 100,000."""
     period: int = 1
@@ -80,7 +69,8 @@ class LocalSGDConfig:
     classes_per_rank: int = 2
     """Labels per rank for ``"label_skewed"`` shards, 1 to 10."""
     compression: str = "none"
-    """How updates are compressed: one of :data:`distlab.communication_efficient.compression.METHODS`."""
+    """How updates are compressed: one of
+    :data:`distlab.communication_efficient.compression.METHODS`."""
     ratio: float = 0.01
     """Fraction of coordinates top-k and random-k keep, in (0, 1]."""
     error_feedback: bool = True
@@ -96,193 +86,47 @@ class LocalSGDConfig:
     latency: float = 1e-4
     """Simulated per-message latency alpha in seconds, in [0, 10]."""
     seed: int = 0
-    """Seed of the data split, the model and the minibatches."""
+    """Seed of the data split, the model and the minibatches, 0 to 2^31."""
 
     def __post_init__(self):
-        _validate(self, ints=[("num_steps", 1, 100_000), ("period", 1, 10_000),
-                              ("batch_size", 1, 4096), ("classes_per_rank", 1, 10),
-                              ("warmup_steps", 1, 100_000), ("hidden", 1, 4096),
-                              ("seed", 0, 2 ** 31)],
-                  floats=[("lr", 0, 10), ("ratio", 0, 1), ("bandwidth", 0, 1e12)],
-                  choices=[("shards", SHARDS), ("compression", METHODS),
-                           ("optimizer", OPTIMIZERS), ("error_feedback", (True, False))])
-        require(self, "latency", is_number(self.latency) and 0 <= self.latency <= 10,
-                "[0, 10] seconds")
+        validate(self, ints=[("world_size", 1, launcher.MAX_WORLD_SIZE),
+                             ("num_steps", 1, 100_000), ("period", 1, 10_000),
+                             ("batch_size", 1, 4096), ("classes_per_rank", 1, 10),
+                             ("warmup_steps", 1, 100_000), ("hidden", 1, 4096),
+                             ("seed", 0, 2 ** 31)],
+                 floats=[("lr", 0, 10), ("ratio", 0, 1), ("bandwidth", 0, 1e12)],
+                 choices=[("shards", SHARDS), ("compression", METHODS),
+                          ("optimizer", OPTIMIZERS), ("error_feedback", (True, False))])
         if self.optimizer != "sgd" and (self.period != 1 or self.compression != "none"):
             raise ValueError(f"LocalSGDConfig.optimizer={self.optimizer!r} averages gradients "
                              f"every step: it needs period=1 (got {self.period}) and "
                              f"compression='none' (got {self.compression!r})")
+        check_split(self, "world_size", "classes_per_rank")
 
 
-@dataclass(frozen=True)
-class FedAvgConfig:
-    """Federated averaging (McMahan et al. 2017) on scikit-learn's digits."""
-    num_rounds: int = 30
-    """Communication rounds, 1 to 10,000."""
-    num_clients: int = 20
-    """K: clients, each with its own shard, 1 to 1,000."""
-    client_fraction: float = 0.25
-    """C: fraction of clients sampled each round, in (0, 1]."""
-    local_steps: int = 10
-    """SGD steps each sampled client takes per round, 1 to 10,000."""
-    batch_size: int = 16
-    """Examples per local step, 1 to 4,096."""
-    lr: float = 0.2
-    """Learning rate, in (0, 10]."""
-    shards: str = "iid"
-    """``"iid"`` or ``"label_skewed"`` clients."""
-    classes_per_client: int = 2
-    """Labels per client for ``"label_skewed"``, 1 to 10."""
-    hidden: int = 32
-    """Width of the MLP's hidden layer, 1 to 4,096."""
-    bandwidth: float = 1e6
-    """Simulated network bandwidth in bytes/s, in (0, 1e12]."""
-    latency: float = 1e-4
-    """Simulated per-message latency in seconds, in [0, 10]."""
-    seed: int = 0
-    """Seed of the data split, the model, the sampling and the minibatches."""
-
-    def __post_init__(self):
-        _validate(self, ints=[("num_rounds", 1, 10_000), ("num_clients", 1, 1000),
-                              ("local_steps", 1, 10_000), ("batch_size", 1, 4096),
-                              ("classes_per_client", 1, 10), ("hidden", 1, 4096),
-                              ("seed", 0, 2 ** 31)],
-                  floats=[("client_fraction", 0, 1), ("lr", 0, 10), ("bandwidth", 0, 1e12)],
-                  choices=[("shards", SHARDS)])
-        require(self, "latency", is_number(self.latency) and 0 <= self.latency <= 10,
-                "[0, 10] seconds")
-
-    @property
-    def clients_per_round(self) -> int:
-        return max(1, round(self.client_fraction * self.num_clients))
-
-
-# -- pieces every algorithm here shares ---------------------------------------------------
-
-@contextlib.contextmanager
-def _one_thread():
-    """Run the single-process references on one thread: on tensors this small, more threads
-    only add contention (50 times slower on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _flat(params) -> torch.Tensor:
-    return torch.cat([w.detach().reshape(-1) for w in params])
-
-
-def _assign(params, vec: torch.Tensor) -> None:
-    offset = 0
-    with torch.no_grad():
-        for w in params:
-            w.copy_(vec[offset: offset + w.numel()].view_as(w))
-            offset += w.numel()
-
-
-def _shards(data, config, world_size: int) -> list[torch.Tensor]:
-    n = len(data.y)
-    per = (config.classes_per_rank if isinstance(config, LocalSGDConfig)
-           else config.classes_per_client)
-    if config.shards == "iid":
-        return [shard_indices(n, r, world_size, seed=config.seed) for r in range(world_size)]
-    return label_skewed_shards(data.y, world_size, per, config.seed)
-
-
-def _batches(shard: torch.Tensor, batch_size: int, seed: int):
-    """Minibatches of ``shard`` drawn with replacement, reproducibly from ``seed``."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        yield shard[torch.randint(len(shard), (batch_size,), generator=g)]
-
-
-def _sgd_step(model, params, X, y, lr) -> None:
-    grads = torch.autograd.grad(F.cross_entropy(model(X), y), params)
-    with torch.no_grad():
-        for w, g in zip(params, grads):
-            w -= lr * g
-
-
-@torch.no_grad()
-def evaluate(model, data) -> dict:
-    """``loss`` on the whole training set and ``accuracy`` on the held-out set."""
-    loss = F.cross_entropy(model(data.X), data.y).item()
-    accuracy = (model(data.X_val).argmax(1) == data.y_val).float().mean().item()
-    return {"loss": loss, "accuracy": accuracy}
-
-
-def simulated_comm_time(by_op: dict, world_size: int, latency: float, bandwidth: float) -> float:
-    """Seconds the ledger's traffic takes on a simulated network (alpha-beta model).
-
-    Each call pays ``latency`` per sequential message of its ring algorithm (all-reduce
-    2(p-1), all-gather and reduce-scatter p-1, broadcast and barrier log2 p, send 1) and
-    each byte sent costs ``1 / bandwidth`` seconds.
-    """
-    p = world_size
-    steps = {"all_reduce": 2 * (p - 1), "all_gather": p - 1, "reduce_scatter": p - 1,
-             "broadcast": math.ceil(math.log2(max(p, 2))), "barrier": math.ceil(math.log2(max(p, 2))),
-             "recv": 0}
-    return sum(s["calls"] * steps.get(op, 1) * latency + s["bytes_sent"] / bandwidth
-               for op, s in by_op.items())
-
-
-class _Meter:
-    """Traffic since construction (the ledger belongs to the process) and compute time."""
-
-    def __init__(self, config, world_size):
-        self.config, self.world_size = config, world_size
-        self.start = comm.ledger().by_op()
-        self.compute_time = 0.0
-
-    def values(self) -> dict:
-        now = {op: dict(s) for op, s in comm.ledger().by_op().items()}
-        for op, s in self.start.items():
-            for k in ("calls", "bytes_sent", "bytes_recv", "comm_time"):
-                now[op][k] -= s[k]
-        c = self.config
-        sim = simulated_comm_time(now, self.world_size, c.latency, c.bandwidth)
-        return {"bytes_sent": sum(s["bytes_sent"] for s in now.values()),
-                "comm_time": sum(s["comm_time"] for s in now.values()),
-                "compute_time": self.compute_time, "sim_time": self.compute_time + sim}
-
-
-# -- local SGD ----------------------------------------------------------------------------
-
-def _make_optimizer(config: LocalSGDConfig, params, group):
-    return {"sgd": lambda: None,
-            "adam": lambda: torch.optim.Adam(params, lr=config.lr),
-            "lamb": lambda: LAMB(params, lr=config.lr),
-            "onebit_adam": lambda: OneBitAdam(params, lr=config.lr, group=group,
-                                              warmup_steps=config.warmup_steps)}[config.optimizer]()
-
-
-def train(config: LocalSGDConfig, group=None, record=report, data=None) -> list[float]:
+def train(config: LocalSGDConfig, group=None, *, record=report) -> dict:
     """The worker: local SGD with period H (optionally compressed), or data-parallel Adam,
     LAMB or 1-bit Adam when ``config.optimizer`` says so.
 
-    After every average it reports ``step``, ``bytes_sent``, ``comm_time``,
+    After every average it records ``step``, ``bytes_sent``, ``comm_time``,
     ``compute_time``, ``sim_time`` (compute plus simulated communication), ``divergence``
     (``||x_r - x||^2``, every rank) and, on rank 0, ``loss`` and ``accuracy`` of the averaged
-    model. ``data`` is the digits data set (None: load it here; the launchers below load it
-    once in the caller, which spares every worker importing scikit-learn). Returns the final
-    parameters, flattened.
+    model; ``record`` is where records go (default :func:`distlab.metrics.report`).
+
+    Returns:
+        ``{"loss", "accuracy", "params"}``: the final (averaged) model's training loss and
+        held-out accuracy, and its parameters flattened, the same on every rank.
     """
-    import torch.distributed as dist
-    rank, p = dist.get_rank(group), dist.get_world_size(group)
-    data = data if data is not None else digits(seed=config.seed)
-    shard = _shards(data, config, p)[rank]
-    model = mlp(data.num_features, config.hidden, data.num_classes, depth=1, seed=config.seed)
-    params = list(model.parameters())
-    optimizer = _make_optimizer(config, params, group)
+    rank, p = rank_and_size(config, group)
+    data, shards, model = problem(config, p, config.classes_per_rank, launcher.device())
+    shard, params = shards[rank], list(model.parameters())
+    optimizer = _optimizer(config, params, group)
     compressor = make_compressor(config.compression, config.ratio, config.seed)
-    anchor = _flat(params)                                    # the last averaged model x
+    anchor = flat(params)                                     # the last averaged model x
     residual = (torch.zeros_like(anchor) if config.error_feedback
                 and config.compression != "none" else None)
-    meter = _Meter(config, p)
-    batches = _batches(shard, config.batch_size, seed=config.seed * 1000 + rank + 1)
+    meter = TrafficMeter(config.latency, config.bandwidth, p)
+    batches = sample_batches(shard, config.batch_size, seed=config.seed * 1000 + rank + 1)
 
     def log(step, divergence):
         values = {**meter.values(), "divergence": divergence}
@@ -294,243 +138,199 @@ def train(config: LocalSGDConfig, group=None, record=report, data=None) -> list[
     for step in range(1, config.num_steps + 1):
         t0, comm0 = time.perf_counter(), comm.ledger().totals()["comm_time"]
         idx = next(batches)
-        if optimizer is None:
-            _sgd_step(model, params, data.X[idx], data.y[idx], config.lr)
-        else:
-            loss = F.cross_entropy(model(data.X[idx]), data.y[idx])
-            for w, g in zip(params, torch.autograd.grad(loss, params)):
-                w.grad = g
-            if config.optimizer != "onebit_adam":             # 1-bit Adam communicates itself
-                g = all_reduce_compressed(_flat([w.grad for w in params]), Compressor(),
-                                          group=group)
-                _assign([w.grad for w in params], g)
-            optimizer.step()
+        optimizer.zero_grad()
+        F.cross_entropy(model(data.X[idx]), data.y[idx]).backward()
+        if config.optimizer in ("adam", "lamb"):              # 1-bit Adam communicates itself
+            average_gradients(params, group)
+        optimizer.step()
         # compute only: the optimizers' gradient all-reduce is communication
         meter.compute_time += (time.perf_counter() - t0
                                - (comm.ledger().totals()["comm_time"] - comm0))
-        if optimizer is not None:
+        if config.optimizer != "sgd":
             log(step, 0.0)
         elif step % config.period == 0 or step == config.num_steps:
-            x = _flat(params)
+            x = flat(params)
             anchor += all_reduce_compressed(x - anchor, compressor, residual, group)
-            _assign(params, anchor)
+            assign(params, anchor)
             log(step, (x - anchor).pow(2).sum().item())
-    return _flat(params).tolist()
+    return {**evaluate(model, data), "params": flat(params).tolist()}
 
 
-def reference(config: LocalSGDConfig, world_size: int) -> tuple[list[float], list[float]]:
+def reference(config: LocalSGDConfig) -> tuple[list[float], list[float]]:
     """Single-process synchronous training on the union of the ranks' minibatches.
 
     One model; at every step the ``world_size`` minibatches the ranks would draw are
     concatenated and the optimizer steps on their mean loss. Local SGD with ``period`` = 1
-    and no compression must match it. Returns (loss after each step, from step 0; final
-    parameters).
+    and no compression must match it, and so must Adam, LAMB, and 1-bit Adam during its
+    warm-up. Returns (loss after each step, from step 0; final parameters).
     """
-    with _one_thread():
-        return _reference(config, world_size)
+    with one_thread():
+        data, shards, model = problem(config, config.world_size, config.classes_per_rank)
+        params = list(model.parameters())
+        optimizer = _optimizer(config, params, reference=True)
+        streams = [sample_batches(s, config.batch_size, seed=config.seed * 1000 + r + 1)
+                   for r, s in enumerate(shards)]
+        losses = [evaluate(model, data)["loss"]]
+        for _ in range(config.num_steps):
+            idx = torch.cat([next(s) for s in streams])       # (world_size * batch_size,)
+            optimizer.zero_grad()
+            F.cross_entropy(model(data.X[idx]), data.y[idx]).backward()
+            optimizer.step()
+            losses.append(evaluate(model, data)["loss"])
+        return losses, flat(params).tolist()
 
 
-def _reference(config, world_size):
-    data = digits(seed=config.seed)
-    shards = _shards(data, config, world_size)
-    model = mlp(data.num_features, config.hidden, data.num_classes, depth=1, seed=config.seed)
-    params = list(model.parameters())
-    optimizer = {"sgd": lambda: torch.optim.SGD(params, lr=config.lr),
-                 "adam": lambda: torch.optim.Adam(params, lr=config.lr),
-                 # its warm-up only, with OneBitAdam's eps
-                 "onebit_adam": lambda: torch.optim.Adam(params, lr=config.lr, eps=1e-3),
-                 "lamb": lambda: LAMB(params, lr=config.lr)}[config.optimizer]()
-    streams = [_batches(s, config.batch_size, seed=config.seed * 1000 + r + 1)
-               for r, s in enumerate(shards)]
-    losses = [evaluate(model, data)["loss"]]
-    for _ in range(config.num_steps):
-        idx = torch.cat([next(s) for s in streams])
-        optimizer.zero_grad()
-        F.cross_entropy(model(data.X[idx]), data.y[idx]).backward()
-        optimizer.step()
-        losses.append(evaluate(model, data)["loss"])
-    return losses, _flat(params).tolist()
+def start(config: LocalSGDConfig, **launch) -> launcher.Run:
+    """Start :func:`train` on ``config.world_size`` processes and return the
+    :class:`~distlab.Run` at once; ``launch`` goes to :func:`distlab.launcher.start`."""
+    return launcher.start(train, config.world_size, config, **launch)
 
 
-def start_run(world_size: int = 4, on_metrics=None, on_output=None, **settings) -> Run:
-    """Start :func:`train` on ``world_size`` processes without blocking (for a RunPanel).
-
-    ``settings`` are :class:`LocalSGDConfig` fields; bad values raise here, before any
-    process starts.
-    """
-    config = LocalSGDConfig(**settings)
-    return start(train, world_size, config, data=digits(seed=config.seed),
-                 on_metrics=on_metrics, on_output=on_output, timeout=300)
+def run(config: LocalSGDConfig, **launch) -> list[dict]:
+    """:func:`start` and wait: every rank's result of :func:`train`, in rank order."""
+    return start(config, **launch).result()
 
 
-# -- federated averaging ------------------------------------------------------------------
+# -- pieces local SGD and federated averaging share ---------------------------------------
 
-def _client_data(config: FedAvgConfig, data=None):
-    data = data if data is not None else digits(seed=config.seed)
-    return data, _shards(data, config, config.num_clients)
-
-
-def _sampled(config: FedAvgConfig, round_: int) -> list[int]:
-    g = torch.Generator().manual_seed(config.seed * 7919 + round_)
-    return sorted(torch.randperm(config.num_clients, generator=g)[: config.clients_per_round]
-                  .tolist())
-
-
-def _local_update(model, params, global_x, data, shard, config, round_, client):
-    _assign(params, global_x)
-    batches = _batches(shard, config.batch_size, seed=(config.seed * 1000 + round_) * 1000 + client)
-    for _ in range(config.local_steps):
-        idx = next(batches)
-        _sgd_step(model, params, data.X[idx], data.y[idx], config.lr)
-    return _flat(params)
+def validate(config, ints=(), floats=(), choices=()):
+    """Check the fields named in tables: ``(name, lo, hi)`` ints in lo..hi, floats in (lo, hi],
+    ``(name, allowed)`` choices; and ``latency`` in [0, 10] seconds."""
+    for name, lo, hi in ints:
+        v = getattr(config, name)
+        require(config, name, is_int(v) and lo <= v <= hi, f"integers {lo}..{hi}")
+    for name, lo, hi in floats:
+        v = getattr(config, name)
+        require(config, name, is_number(v) and lo < v <= hi, f"({lo:g}, {hi:g}]")
+    for name, allowed in choices:
+        v = getattr(config, name)                 # by type too: 1 is not the choice True
+        require(config, name, any(type(v) is type(a) and v == a for a in allowed),
+                f"one of {allowed}")
+    require(config, "latency", is_number(config.latency) and 0 <= config.latency <= 10,
+            "[0, 10] seconds")
 
 
-def train_fedavg(config: FedAvgConfig, group=None, record=report, data=None) -> list[float]:
-    """The worker: FedAvg rounds; this rank runs the sampled clients it hosts (k mod p).
+def check_split(config, count: str, classes: str) -> None:
+    """Refuse a label-skewed split the digits cannot give (more shards than a label has
+    examples), naming the field ``count``."""
+    if config.shards != "label_skewed":
+        return
+    try:
+        label_skewed_shards(digits(seed=config.seed).y, getattr(config, count),
+                            getattr(config, classes), config.seed)
+    except ValueError as e:
+        require(config, count, False, f"a split of the digits' labels ({e})")
 
-    Reports per round ``step`` (the round), traffic and times as :func:`train`, the mean
-    ``divergence`` of this rank's clients from the new global model, and on rank 0 the
-    global model's ``loss`` and ``accuracy``. ``data`` as for :func:`train`. Returns the
-    final global parameters.
-    """
-    import torch.distributed as dist
+
+def rank_and_size(config, group) -> tuple[int, int]:
+    """This rank and the group's size, which must be ``config.world_size``."""
     rank, p = dist.get_rank(group), dist.get_world_size(group)
-    data, shards = _client_data(config, data)
+    if p != config.world_size:
+        raise ValueError(f"config.world_size={config.world_size} but the group has {p} ranks")
+    return rank, p
+
+
+def problem(config, count: int, classes: int, device=None):
+    """``(data, shards, model)``: the digits, ``count`` shards of ``config.shards`` (with
+    ``classes`` labels each when label-skewed), and the MLP, all seeded by ``config.seed``;
+    data, shards and model on ``device`` (None: the CPU; a worker passes its rank's device,
+    a GPU under NCCL)."""
+    data = digits(seed=config.seed)
+    shards = split(data, config.shards, count, classes, config.seed)
     model = mlp(data.num_features, config.hidden, data.num_classes, depth=1, seed=config.seed)
-    params = list(model.parameters())
-    global_x = _flat(params)
-    meter = _Meter(config, p)
-    record(step=0, **meter.values(), **(evaluate(model, data) if rank == 0 else {}))
-    for round_ in range(1, config.num_rounds + 1):
-        t0 = time.perf_counter()
-        locals_, total = [], torch.zeros(global_x.numel() + 1)  # [sum n_k x_k, sum n_k]
-        for k in (c for c in _sampled(config, round_) if c % p == rank):
-            x = _local_update(model, params, global_x, data, shards[k], config, round_, k)
-            total[:-1] += len(shards[k]) * x
-            total[-1] += len(shards[k])
-            locals_.append(x)
-        meter.compute_time += time.perf_counter() - t0
-        comm.all_reduce(total, group=group)                   # every rank joins, sampled or not
-        global_x = total[:-1] / total[-1]
-        _assign(params, global_x)
-        values = meter.values()
-        if locals_:
-            values["divergence"] = torch.stack([(x - global_x).pow(2).sum()
-                                                for x in locals_]).mean().item()
-        if rank == 0:
-            values.update(evaluate(model, data))
-        record(step=round_, **values)
-    return global_x.tolist()
+    if device is not None:
+        data = replace(data, X=data.X.to(device), y=data.y.to(device),
+                       X_val=data.X_val.to(device), y_val=data.y_val.to(device))
+        shards, model = [s.to(device) for s in shards], model.to(device)
+    return data, shards, model
 
 
-def fedavg_reference(config: FedAvgConfig) -> tuple[list[float], list[float]]:
-    """Single-process FedAvg: (global training loss after each round, from round 0; final
-    parameters)."""
-    with _one_thread():
-        return _fedavg_reference(config)
+def split(data, shards: str, count: int, classes: int, seed: int) -> list[torch.Tensor]:
+    """``count`` shards of the training set: ``"iid"`` or ``"label_skewed"`` with ``classes``
+    labels each (:func:`distlab.problems.data.label_skewed_shards`, which checks both)."""
+    if shards not in SHARDS:
+        raise ValueError(f"shards={shards!r} is out of range; allowed one of {SHARDS}")
+    if shards == "iid":
+        return [shard_indices(len(data.y), r, count, seed=seed) for r in range(count)]
+    return label_skewed_shards(data.y, count, classes, seed)
 
 
-def _fedavg_reference(config):
-    data, shards = _client_data(config)
-    model = mlp(data.num_features, config.hidden, data.num_classes, depth=1, seed=config.seed)
-    params = list(model.parameters())
-    global_x = _flat(params)
-    losses = [evaluate(model, data)["loss"]]
-    for round_ in range(1, config.num_rounds + 1):
-        clients = _sampled(config, round_)
-        xs = [_local_update(model, params, global_x, data, shards[k], config, round_, k)
-              for k in clients]
-        weights = torch.tensor([float(len(shards[k])) for k in clients])
-        global_x = (torch.stack(xs) * weights[:, None]).sum(0) / weights.sum()
-        _assign(params, global_x)
-        losses.append(evaluate(model, data)["loss"])
-    return losses, global_x.tolist()
+def sample_batches(shard: torch.Tensor, batch_size: int, seed: int):
+    """Minibatches of ``shard`` drawn with replacement, reproducibly from ``seed`` (drawn on
+    the CPU, so every device draws the same)."""
+    if not (is_int(batch_size) and batch_size >= 1):
+        raise ValueError(f"batch_size={batch_size!r} is out of range; allowed integers >= 1")
+    if not len(shard):
+        raise ValueError("shard is empty: there is nothing to draw minibatches from")
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield shard[torch.randint(len(shard), (batch_size,), generator=g).to(shard.device)]
 
 
-def start_fedavg(world_size: int = 4, on_metrics=None, on_output=None, **settings) -> Run:
-    """Start :func:`train_fedavg` without blocking; ``settings`` are :class:`FedAvgConfig` fields."""
-    config = FedAvgConfig(**settings)
-    return start(train_fedavg, world_size, config, data=digits(seed=config.seed),
-                 on_metrics=on_metrics, on_output=on_output, timeout=300)
+@torch.no_grad()
+def evaluate(model, data) -> dict:
+    """``loss`` on the whole training set and ``accuracy`` on the held-out set."""
+    loss = F.cross_entropy(model(data.X), data.y).item()
+    accuracy = (model(data.X_val).argmax(1) == data.y_val).float().mean().item()
+    return {"loss": loss, "accuracy": accuracy}
 
 
-# -- several runs in one launch (for sweeps and the lab's comparisons) --------------------
+class TrafficMeter:
+    """This rank's traffic since construction (the ledger belongs to the process), its
+    compute time, and both on the simulated network."""
 
-def _run_all(configs: dict, datasets: dict):
-    out = {}
-    for name, config in configs.items():
-        records = []
-        worker = train_fedavg if isinstance(config, FedAvgConfig) else train
-        worker(config, record=lambda **r: records.append(r), data=datasets[config.seed])
-        out[name] = records
-    return out
+    def __init__(self, latency: float, bandwidth: float, world_size: int):
+        self.latency, self.bandwidth, self.world_size = latency, bandwidth, world_size
+        require(self, "latency", is_number(latency) and latency >= 0, "seconds >= 0")
+        require(self, "bandwidth", is_number(bandwidth) and bandwidth > 0, "bytes/s > 0")
+        require(self, "world_size", is_int(world_size) and world_size >= 1, "integers >= 1")
+        self.start = comm.ledger().by_op()
+        self.compute_time = 0.0
 
-
-def compare(configs: dict, world_size: int = 4, timeout: float = 600) -> pd.DataFrame:
-    """Run several configurations one after the other in ONE launch (saves start-up time).
-
-    Args:
-        configs: ``{run name: LocalSGDConfig or FedAvgConfig}``.
-        world_size: processes.
-        timeout: seconds for the whole sweep.
-
-    Returns:
-        The tidy frame of every record: ``run, rank, step, ...``.
-    """
-    datasets = {c.seed: digits(seed=c.seed) for c in configs.values()}   # loaded once, here
-    results = launch(_run_all, world_size, configs, datasets, timeout=timeout)
-    rows = [{"run": name, "rank": rank, **r} for rank, res in enumerate(results)
-            for name, recs in res.items() for r in recs]
-    return pd.DataFrame(rows)
+    def values(self) -> dict:
+        now = comm.ledger().by_op()
+        for op, s in self.start.items():
+            for k in ("calls", "bytes_sent", "bytes_recv", "comm_time"):
+                now[op][k] -= s[k]
+        sim = alpha_beta.ledger_time(now, self.world_size, self.latency, 1 / self.bandwidth)
+        return {"bytes_sent": sum(s["bytes_sent"] for s in now.values()),
+                "comm_time": sum(s["comm_time"] for s in now.values()),
+                "compute_time": self.compute_time, "sim_time": self.compute_time + sim}
 
 
-def bytes_to_reach(df: pd.DataFrame, target_loss: float) -> dict:
-    """``{run: bytes_sent per rank when rank 0's loss first reached target_loss}`` (inf if never)."""
-    out = {}
-    for run, d in df[(df["rank"] == 0) & df["loss"].notna()].groupby("run", sort=False):
-        hit = d[d["loss"] <= target_loss].sort_values("step")
-        out[run] = float(hit["bytes_sent"].iloc[0]) if len(hit) else math.inf
-    return out
+def flat(params) -> torch.Tensor:
+    """The parameters end to end, detached: ``(n,)``."""
+    return torch.cat([w.detach().reshape(-1) for w in params])
 
 
-def curves_figure(df: pd.DataFrame, x: str = "bytes_sent", y: str = "loss", title: str = "",
-                  log_x: bool = False, log_y: bool = True):
-    """A static plotly figure of finished runs: ``y`` against ``x``, one line per run.
-
-    Ranks are averaged at each ``x`` (as :class:`distlab.ui.figures.LiveFigure` does); ``loss``
-    and ``accuracy`` come from rank 0 only. Static figures keep a saved notebook small:
-    each live ``FigureWidget`` carries its own copy of plotly.js.
-    """
-    import plotly.graph_objects as go
-    from distlab.ui.figures import axis_title as _title
-    names = {"sim_time": "simulated wall time (s)", "divergence": "divergence ||x_r - x||^2"}
-    axis_title = lambda name: names.get(name, _title(name))  # noqa: E731
-    fig = go.Figure()
-    for run, d in df.dropna(subset=[x, y]).groupby("run", sort=False):
-        line = d.groupby(x, sort=True)[y].mean()
-        fig.add_scatter(x=line.index, y=line.values, mode="lines", name=run)
-    fig.update_layout(title=title or f"{axis_title(y)} against {axis_title(x)}",
-                      xaxis_title=axis_title(x), yaxis_title=axis_title(y),
-                      xaxis_type="log" if log_x else "linear",
-                      yaxis_type="log" if log_y else "linear",
-                      template="plotly_white", height=360, margin=dict(l=60, r=20, t=50, b=50))
-    return fig
+@torch.no_grad()
+def assign(params, vec: torch.Tensor) -> None:
+    """Copy the flat ``vec`` into the parameters (copies: ``vec`` stays this caller's own)."""
+    for w, part in zip(params, vec.split([w.numel() for w in params])):
+        w.copy_(part.view_as(w))
 
 
-def frontier_figure(df: pd.DataFrame, title: str = "final accuracy against total bytes sent"):
-    """A plotly scatter: each run's final held-out accuracy against its total bytes per rank."""
-    import plotly.graph_objects as go
-    last = (df[(df["rank"] == 0) & df["accuracy"].notna()].sort_values("step")
-            .groupby("run", sort=False).last())
-    fig = go.Figure(go.Scatter(x=last["bytes_sent"], y=last["accuracy"], text=last.index,
-                               mode="markers+text", textposition="top center"))
-    fig.update_layout(title=title, xaxis_title="bytes sent per rank", yaxis_title="accuracy",
-                      xaxis_type="log", template="plotly_white", height=380)
-    return fig
+@contextlib.contextmanager
+def one_thread():
+    """Run a single-process reference on one thread: on tensors this small, more threads
+    only add contention (50 times slower on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
-__all__ = [
-    "LocalSGDConfig", "FedAvgConfig", "train", "reference", "start_run", "train_fedavg",
-    "fedavg_reference", "start_fedavg", "compare", "bytes_to_reach", "curves_figure",
-    "frontier_figure",
-    "simulated_comm_time", "evaluate"]
+def _optimizer(config: LocalSGDConfig, params, group=None,
+               reference: bool = False) -> torch.optim.Optimizer:
+    if config.optimizer == "onebit_adam":
+        if reference:     # the warm-up only: Adam, with OneBitAdam's eps
+            return torch.optim.Adam(params, lr=config.lr, eps=1e-3)
+        return OneBitAdam(params, lr=config.lr, group=group, warmup_steps=config.warmup_steps)
+    return {"sgd": torch.optim.SGD, "adam": torch.optim.Adam,
+            "lamb": LAMB}[config.optimizer](params, lr=config.lr)
+
+
+__all__ = ["LocalSGDConfig", "train", "reference", "start", "run", "evaluate", "OPTIMIZERS",
+           "SHARDS"]

@@ -21,8 +21,7 @@ from typing import Callable
 
 import torch
 
-from distlab.launcher import WorkerError, launch
-from distlab.exercises import Verdict, register
+from distlab.exercises import Verdict, launch_student, register
 
 WORLD_SIZE, NUMEL, K, STEPS = 3, 24, 4, 3
 
@@ -97,13 +96,12 @@ def _close(a, b) -> bool:
 
 def check_topk_all_reduce(student_fn: Callable) -> Verdict:
     """Run ``student_fn`` on 3 real processes for 3 steps and say what, if anything, is wrong."""
-    if not callable(student_fn):
-        return Verdict(False, f"topk_all_reduce must be a function, got "
-                              f"{type(student_fn).__name__}")
-    try:
-        results = launch(_run_student, WORLD_SIZE, student_fn, timeout=60)
-    except WorkerError as e:
-        return Verdict(False, f"rank {e.rank} failed: {e.reason}")
+    results, verdict = launch_student(
+        "topk_all_reduce", student_fn, _run_student, WORLD_SIZE, student_fn, timeout=60,
+        hang_hint="every rank must make the same collective calls, with tensors of the same "
+                  "shape (k values and k indices each)")
+    if verdict is not None:
+        return verdict
     want = _simulate()
     no_feedback, by_value = _simulate(add_residual=False), _simulate(by_magnitude=False)
     budget = (WORLD_SIZE - 1) * K * (4 + 8)   # all-gather of k float32 values + k int64 indices

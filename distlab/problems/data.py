@@ -102,14 +102,47 @@ def shard_indices(n: int, rank: int, world_size: int, epoch: int = 0, seed: int 
 
 def label_skewed_shards(y: torch.Tensor, world_size: int, classes_per_rank: int = 2,
                         seed: int = 0) -> list[torch.Tensor]:
-    """A non-IID split: each rank gets examples of only ``classes_per_rank`` labels.
+    """A non-IID split: each of ``world_size`` shards holds exactly ``classes_per_rank`` labels.
 
-    Indices are sorted by label and cut into ``world_size * classes_per_rank`` contiguous
-    pieces dealt out at random, as in McMahan et al. 2017 (section 3, "pathological non-IID").
+    McMahan et al. 2017 (section 3, "pathological non-IID") sort the examples by label, cut
+    them into ``world_size * classes_per_rank`` pieces and deal every client a few. Cut
+    blindly, a piece straddles two labels and a client may get two pieces of one label, so
+    "2 labels per client" gives 1 to 4. Here the pieces are cut inside each label: with c =
+    ``classes_per_rank`` and the labels shuffled by ``seed`` into a ring of L, the k-th client
+    (in a seeded order) takes the c consecutive labels from position k·c on, which are
+    distinct since c <= L; each label is so held by floor or ceil of ``world_size·c / L``
+    shards, and its examples are split evenly between them. No shard is empty and no example
+    is in two; when ``world_size·c < L`` only ``world_size·c`` of the labels are used.
+
+    Raises:
+        ValueError: ``classes_per_rank`` above the number of labels, or a label with fewer
+            examples than shards that must hold it (too many shards for this data).
     """
+    from distlab.checks import is_int
+    for name, value in (("world_size", world_size), ("classes_per_rank", classes_per_rank)):
+        if not (is_int(value) and value >= 1):
+            raise ValueError(f"{name}={value!r} is out of range; allowed integers >= 1")
+    labels, counts = torch.unique(y.flatten(), return_counts=True)
+    if classes_per_rank > len(labels):
+        raise ValueError(f"classes_per_rank={classes_per_rank} is out of range; allowed 1.."
+                         f"{len(labels)} (the number of labels in y)")
     g = torch.Generator().manual_seed(seed)
-    order = torch.argsort(y.flatten(), stable=True)
-    pieces = list(order.chunk(world_size * classes_per_rank))
-    deal = torch.randperm(len(pieces), generator=g).tolist()
-    return [torch.cat([pieces[deal[r * classes_per_rank + k]]
-                       for k in range(classes_per_rank)]) for r in range(world_size)]
+    ring = torch.randperm(len(labels), generator=g).tolist()     # positions -> label indices
+    holders: list[list[int]] = [[] for _ in labels]               # label index -> its shards
+    for k, shard in enumerate(torch.randperm(world_size, generator=g).tolist()):
+        for i in range(classes_per_rank):
+            holders[ring[(k * classes_per_rank + i) % len(labels)]].append(shard)
+    pieces: list[list[torch.Tensor]] = [[] for _ in range(world_size)]
+    for label, count, shards in zip(labels.tolist(), counts.tolist(), holders):
+        if not shards:
+            continue                                              # a label nobody holds
+        if len(shards) > count:
+            raise ValueError(
+                f"world_size={world_size} is out of range for classes_per_rank="
+                f"{classes_per_rank}: label {label} has {count} examples but would be split "
+                f"between {len(shards)} shards; allowed at most "
+                f"{int(counts.min()) * len(labels) // classes_per_rank} shards")
+        where = (y.flatten() == label).nonzero().flatten()        # in data order
+        for shard, piece in zip(shards, torch.tensor_split(where, len(shards))):
+            pieces[shard].append(piece)
+    return [torch.cat(p) for p in pieces]

@@ -83,6 +83,32 @@ def test_bad_method_or_ratio_is_refused():
         make_compressor("topk", ratio=0)
 
 
+@pytest.mark.parametrize("make, message", [
+    (lambda: TopK(ratio=-1), "TopK.ratio=-1 is out of range"),
+    (lambda: TopK(ratio=True), "TopK.ratio=True is out of range"),
+    (lambda: TopK(ratio=1.5), "TopK.ratio=1.5 is out of range"),
+    (lambda: RandomK(ratio=0.0), "RandomK.ratio=0.0 is out of range"),
+    (lambda: RandomK(ratio=0.1, seed=-1), "RandomK.seed=-1 is out of range"),
+    (lambda: RandomK(ratio=0.1, seed=0.5), "RandomK.seed=0.5 is out of range"),
+    (lambda: LowPrecision(torch.float32), "LowPrecision.dtype=torch.float32 is out of range"),
+    (lambda: make_compressor("randomk", ratio=2.0), "ratio=2.0 is out of range"),
+    (lambda: make_compressor("sign", ratio=-1), "ratio=-1 is out of range"),
+    (lambda: make_compressor("none", seed=-1), "seed=-1 is out of range"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_compressors_refuse_bad_arguments_by_name(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("args, message", [
+    ((Sign(), 0, 2), "numel=0 is out of range"), ((Sign(), 10, 0), "world_size=0 is out of range"),
+    ((Sign(), 10, True), "world_size=True is out of range"),
+    (("sign", 10, 2), "compressor='sign' is out of range")])
+def test_bytes_sent_per_call_refuses_bad_arguments_by_name(args, message):
+    with pytest.raises(ValueError, match=message):
+        bytes_sent_per_call(*args)
+
+
 N, STEPS = 1001, 3
 
 

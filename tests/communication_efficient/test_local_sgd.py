@@ -1,10 +1,14 @@
-"""Local SGD, FedAvg and data-parallel Adam/LAMB/1-bit Adam warm-up against single-process
+"""Local SGD and data-parallel Adam/LAMB/1-bit Adam warm-up against single-process
 references, on 2 and 4 real ranks (one launch per world size runs every configuration)."""
+from dataclasses import replace
+
 import pytest
 import torch
 
 from distlab.communication_efficient import local_sgd as L
 from distlab.communication_efficient.compression import bytes_sent_per_call, make_compressor
+from distlab.course import lab06_communication_efficient as lab
+from distlab.problems.data import digits
 from distlab.problems.models import mlp
 
 pytestmark = pytest.mark.timeout(180)
@@ -20,40 +24,45 @@ SYNC = {  # configurations that must equal single-process synchronous training
 }
 LOCAL = L.LocalSGDConfig(num_steps=STEPS, period=4, lr=0.3)
 TOPK = L.LocalSGDConfig(num_steps=STEPS, period=3, compression="topk", ratio=0.05)
-FEDAVG = L.FedAvgConfig(num_rounds=3, num_clients=6, client_fraction=0.5, local_steps=3,
-                        shards="label_skewed")
 NUM_PARAMETERS = sum(p.numel() for p in mlp(64, 32, 10, depth=1).parameters())
 
 
-def local_sgd_simulation(config, world_size):
+def local_sgd_simulation(config):
     """One process plays every rank: H local SGD steps each, then the mean model."""
-    with L._one_thread():
-        return _simulation(config, world_size)
+    with L.one_thread():
+        data = digits(seed=config.seed)
+        shards = L.split(data, config.shards, config.world_size, config.classes_per_rank,
+                         config.seed)
+        models = [mlp(64, config.hidden, 10, depth=1, seed=config.seed)
+                  for _ in range(config.world_size)]
+        optimizers = [torch.optim.SGD(m.parameters(), lr=config.lr) for m in models]
+        streams = [L.sample_batches(s, config.batch_size, seed=config.seed * 1000 + r + 1)
+                   for r, s in enumerate(shards)]
+        losses = [L.evaluate(models[0], data)["loss"]]
+        for step in range(1, config.num_steps + 1):
+            for model, opt, stream in zip(models, optimizers, streams):
+                idx = next(stream)
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(data.X[idx]), data.y[idx]).backward()
+                opt.step()
+            if step % config.period == 0 or step == config.num_steps:
+                mean = torch.stack([L.flat(m.parameters()) for m in models]).mean(0)
+                for m in models:
+                    L.assign(list(m.parameters()), mean)
+                losses.append(L.evaluate(models[0], data)["loss"])
+        return losses
 
 
-def _simulation(config, world_size):
-    data = L.digits(seed=config.seed)
-    shards = L._shards(data, config, world_size)
-    models = [mlp(64, config.hidden, 10, depth=1, seed=config.seed) for _ in range(world_size)]
-    streams = [L._batches(s, config.batch_size, seed=config.seed * 1000 + r + 1)
-               for r, s in enumerate(shards)]
-    losses = [L.evaluate(models[0], data)["loss"]]
-    for step in range(1, config.num_steps + 1):
-        for model, stream in zip(models, streams):
-            idx = next(stream)
-            L._sgd_step(model, list(model.parameters()), data.X[idx], data.y[idx], config.lr)
-        if step % config.period == 0 or step == config.num_steps:
-            mean = torch.stack([L._flat(m.parameters()) for m in models]).mean(0)
-            for m in models:
-                L._assign(list(m.parameters()), mean)
-            losses.append(L.evaluate(models[0], data)["loss"])
-    return losses
+def on(world_size, config):
+    return replace(config, world_size=world_size)
 
 
 @pytest.fixture(scope="module", params=[2, 4])
 def runs(request):
-    configs = {**SYNC, "local H=4": LOCAL, "topk H=3": TOPK, "fedavg": FEDAVG}
-    return request.param, L.compare(configs, world_size=request.param, timeout=170)
+    p = request.param
+    configs = {name: on(p, c) for name, c in {**SYNC, "local H=4": LOCAL,
+                                               "topk H=3": TOPK}.items()}
+    return p, lab.compare(configs, timeout=170)
 
 
 def rank0(df, run):
@@ -63,7 +72,7 @@ def rank0(df, run):
 def test_h1_and_data_parallel_optimizers_equal_single_process_training(runs):
     world_size, df = runs
     for name, config in SYNC.items():
-        want, _ = L.reference(config, world_size)
+        want, _ = L.reference(on(world_size, config))
         got = rank0(df, name)
         assert got["step"].tolist() == list(range(STEPS + 1)), name
         torch.testing.assert_close(torch.tensor(got["loss"].tolist()), torch.tensor(want),
@@ -77,7 +86,7 @@ def test_local_sgd_with_period_h_equals_the_simulation(runs):
     got = rank0(df, "local H=4")
     assert got["step"].tolist() == [0, 4, 8, 12]
     torch.testing.assert_close(torch.tensor(got["loss"].tolist()),
-                               torch.tensor(local_sgd_simulation(LOCAL, world_size)))
+                               torch.tensor(local_sgd_simulation(on(world_size, LOCAL))))
     per_sync = bytes_sent_per_call(make_compressor("none"), NUM_PARAMETERS, world_size)
     assert got["bytes_sent"].tolist() == [0, per_sync, 2 * per_sync, 3 * per_sync]
     div = df[(df["run"] == "local H=4") & (df["step"] > 0)]["divergence"]
@@ -92,27 +101,51 @@ def test_compressed_local_sgd_sends_the_compressed_bytes(runs):
     assert got["loss"].iloc[-1] < got["loss"].iloc[0]
 
 
-def test_fedavg_equals_single_process_fedavg(runs):
-    world_size, df = runs
-    want, _ = L.fedavg_reference(FEDAVG)
-    got = rank0(df, "fedavg")
-    torch.testing.assert_close(torch.tensor(got["loss"].tolist()), torch.tensor(want))
-    per_round = 2 * (world_size - 1) * 4 * (NUM_PARAMETERS + 1) // world_size
-    assert got["bytes_sent"].tolist() == [r * per_round for r in range(4)]
+def test_run_returns_the_same_final_model_on_every_rank():
+    config = L.LocalSGDConfig(world_size=2, num_steps=6, period=3)
+    results = L.run(config, timeout=120)
+    assert len(results) == 2
+    assert results[0]["params"] == results[1]["params"]
+    assert results[0]["loss"] == results[1]["loss"]
+    torch.testing.assert_close(results[0]["loss"], local_sgd_simulation(config)[-1])
 
 
-@pytest.mark.parametrize("cls, field, value", [
-    (L.LocalSGDConfig, "period", 0), (L.LocalSGDConfig, "lr", -1.0),
-    (L.LocalSGDConfig, "compression", "zip"), (L.LocalSGDConfig, "ratio", 1.5),
-    (L.LocalSGDConfig, "shards", "random"), (L.LocalSGDConfig, "bandwidth", 0.0),
-    (L.FedAvgConfig, "client_fraction", 0.0), (L.FedAvgConfig, "num_clients", 0)])
-def test_bad_config_names_the_field_before_any_process(cls, field, value):
-    with pytest.raises(ValueError, match=f"{cls.__name__}.{field}="):
-        cls(**{field: value})
+def _train_on_two(config):
+    return L.train(config)
+
+
+def test_train_refuses_a_group_of_another_size():
+    import distlab
+    with pytest.raises(distlab.WorkerError, match="config.world_size=3 but the group has 2"):
+        distlab.launch(_train_on_two, 2, L.LocalSGDConfig(world_size=3, num_steps=1),
+                       timeout=60)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("world_size", 0), ("world_size", True), ("world_size", 65), ("period", 0),
+    ("lr", -1.0), ("lr", True), ("compression", "zip"), ("ratio", 1.5), ("shards", "random"),
+    ("bandwidth", 0.0), ("latency", -1.0), ("classes_per_rank", 11), ("seed", -1),
+    ("error_feedback", 1), ("optimizer", "adamw")])
+def test_bad_config_names_the_field_before_any_process(field, value):
+    with pytest.raises(ValueError, match=f"LocalSGDConfig.{field}="):
+        L.LocalSGDConfig(**{field: value})
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: next(L.sample_batches(torch.arange(5), 0, seed=0)), "batch_size=0 is out of range"),
+    (lambda: next(L.sample_batches(torch.arange(0), 4, seed=0)), "shard is empty"),
+    (lambda: L.split(digits(), "dirichlet", 4, 2, 0), "shards='dirichlet' is out of range"),
+    (lambda: L.TrafficMeter(1e-4, 0.0, 2), "TrafficMeter.bandwidth=0.0 is out of range"),
+    (lambda: L.TrafficMeter(-1.0, 1e6, 2), "TrafficMeter.latency=-1.0 is out of range"),
+    (lambda: L.TrafficMeter(1e-4, 1e6, 0), "TrafficMeter.world_size=0 is out of range"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_shared_pieces_refuse_bad_numbers_by_name(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
 
 
 def test_adaptive_optimizers_need_period_one():
     with pytest.raises(ValueError, match="optimizer='lamb'.*period=1"):
         L.LocalSGDConfig(optimizer="lamb", period=4)
     with pytest.raises(ValueError, match="LocalSGDConfig.period=0"):
-        L.start_run(world_size=2, period=0)
+        lab.start_local_sgd(world_size=2, period=0)

@@ -1,6 +1,8 @@
-"""LAMB against a straightforward reference; 1-bit Adam on 2 and 4 real ranks against a
-single-process simulation, with its compressed bytes counted exactly."""
+"""LAMB against a straightforward reference; 1-bit Adam against updates worked out by hand
+from Tang et al. 2021 (algorithm 1), and on 2 and 4 real ranks against a single-process
+simulation, with its compressed bytes counted exactly; bad hyperparameters refused."""
 import math
+import re
 
 import pytest
 import torch
@@ -58,17 +60,81 @@ def test_lamb_moves_each_layer_by_lr_times_its_norm():
     torch.testing.assert_close((w.detach() - before).norm(), 0.1 * before.norm())
 
 
-@pytest.mark.parametrize("kwargs, field", [({"lr": 0.0}, "lr"), ({"betas": (1.0, 0.9)}, "betas"),
-                                           ({"weight_decay": -1.0}, "weight_decay")])
-def test_lamb_refuses_bad_hyperparameters(kwargs, field):
-    with pytest.raises(ValueError, match=f"LAMB.{field}"):
-        LAMB([nn.Parameter(torch.zeros(1))], **kwargs)
+@pytest.mark.parametrize("field, value", [
+    ("lr", 0.0), ("lr", True), ("lr", float("nan")), ("betas", (1.0, 0.9)), ("betas", (0.9,)),
+    ("eps", -1e-8), ("weight_decay", -1.0)])
+def test_lamb_refuses_bad_hyperparameters(field, value):
+    with pytest.raises(ValueError, match=re.escape(f"LAMB.{field}={value!r} is out of range")):
+        LAMB([nn.Parameter(torch.zeros(1))], **{field: value})
 
 
-def test_onebit_adam_refuses_bad_warmup():
-    with pytest.raises(ValueError, match="OneBitAdam.warmup_steps=0"):
-        OneBitAdam([nn.Parameter(torch.zeros(1))], warmup_steps=0)
+@pytest.mark.parametrize("field, value", [
+    ("warmup_steps", 0), ("warmup_steps", 2.5), ("lr", True), ("betas", (0.9, 1.5)),
+    ("eps", -1.0), ("compressor", "sign")])
+def test_onebit_adam_refuses_bad_hyperparameters(field, value):
+    with pytest.raises(ValueError,
+                       match=re.escape(f"OneBitAdam.{field}={value!r} is out of range")):
+        OneBitAdam([nn.Parameter(torch.zeros(1))], **{field: value})
 
+
+def test_onebit_adam_refuses_parameters_that_are_not_float32():
+    with pytest.raises(ValueError, match="float64 parameter: cast the model to float32"):
+        OneBitAdam([nn.Parameter(torch.zeros(1, dtype=torch.float64))])
+
+
+# -- 1-bit Adam, worked out by hand ----------------------------------------------------------
+# Tang et al. 2021, algorithm 1, with lr = 0.1, b1 = b2 = 0.5, eps = 0, one warm-up step and
+# w = [0, 0]. Warm-up (plain Adam on the mean gradient g = [2, 4]): m = [1, 2],
+# v_hat = g^2 = [4, 16] (frozen: denominator sqrt(v_hat) = [2, 4]), step m_hat/sqrt(v_hat)
+# = [1, 1], so w = [-0.1, -0.1]. Afterwards each rank r: m_r = 0.5 m + 0.5 g_r; the ranks
+# average m_r / [2, 4] compressed with error feedback (what the sign compressor sends is
+# mean|c| · sign(c)); m = that average · [2, 4]; w -= 0.1 · m / [2, 4], no bias correction.
+
+HAND_LR, HAND_BETAS = 0.1, (0.5, 0.5)
+
+
+def _hand_worker(grads_per_rank):
+    import torch.distributed as dist
+    w = nn.Parameter(torch.zeros(2))
+    opt = OneBitAdam([w], lr=HAND_LR, betas=HAND_BETAS, eps=0.0, warmup_steps=1)
+    out = []
+    for g in grads_per_rank[dist.get_rank()]:
+        w.grad = torch.tensor(g)
+        opt.step()
+        out.append(w.detach().clone())
+    return out, opt.m.clone(), opt.residual.clone()
+
+
+def test_onebit_adam_takes_the_papers_steps_when_compression_is_exact():
+    # Step 2: m_0 = [3.5, 7] -> [1.75, 1.75], m_1 = [-0.5, -1] -> [-0.25, -0.25] (equal
+    # magnitudes: the sign compressor is exact); mean [0.75, 0.75], w = -0.1 - 0.075.
+    # Step 3: m = [1.5, 3]; m_0 = [1.25, 2.5] -> [0.625, 0.625], m_1 = [-0.75, -1.5] ->
+    # [-0.375, -0.375]; mean [0.125, 0.125], w = -0.175 - 0.0125.
+    grads = [[[2.0, 4.0], [6.0, 12.0], [1.0, 2.0]],
+             [[2.0, 4.0], [-2.0, -4.0], [-3.0, -6.0]]]
+    want = [[-0.1, -0.1], [-0.175, -0.175], [-0.1875, -0.1875]]
+    for rank, (ws, m, residual) in enumerate(distlab.launch(_hand_worker, 2, grads, timeout=60)):
+        for t, (got, expected) in enumerate(zip(ws, want), start=1):
+            torch.testing.assert_close(got, torch.tensor(expected), msg=f"rank {rank} step {t}")
+        torch.testing.assert_close(m, torch.tensor([0.25, 0.5]))     # [0.125, 0.125] · [2, 4]
+        torch.testing.assert_close(residual, torch.zeros(2))
+
+
+def test_onebit_adam_carries_what_the_sign_did_not_send_to_the_next_step():
+    # One rank. Step 2: m_r = [7.5, 3] -> c = [3.75, 0.75]; sent 2.25 · [1, 1], residual
+    # [1.5, -1.5]; m = [4.5, 9]; w = -0.1 - 0.225. Step 3: m_r = [-2.25, -4.5] ->
+    # [-1.125, -1.125], plus the residual c = [0.375, -2.625]; sent 1.5 · [1, -1], residual
+    # [-1.125, -1.125]; m = [3, -6]; w = -0.325 - 0.1 · [1.5, -1.5].
+    grads = [[[2.0, 4.0], [14.0, 4.0], [-9.0, -18.0]]]
+    want = [[-0.1, -0.1], [-0.325, -0.325], [-0.475, -0.175]]
+    [(ws, m, residual)] = distlab.launch(_hand_worker, 1, grads, timeout=60)
+    for t, (got, expected) in enumerate(zip(ws, want), start=1):
+        torch.testing.assert_close(got, torch.tensor(expected), msg=f"step {t}")
+    torch.testing.assert_close(m, torch.tensor([3.0, -6.0]))
+    torch.testing.assert_close(residual, torch.tensor([-1.125, -1.125]))
+
+
+# -- 1-bit Adam on a model, against one process playing every rank --------------------------
 
 STEPS, WARMUP, LR = 8, 3, 0.05
 
@@ -128,7 +194,9 @@ def _simulate(world_size, b1=0.9, b2=0.999, eps=1e-3):
                 residuals[r] = c - s
                 sent.append(s)
             m, v_hat = torch.stack(sent).mean(0) * denom, v
-        update = (m / (1 - b1 ** t)) / (v_hat.sqrt() + eps)
+        # Adam's bias corrections in the warm-up only (Tang et al. 2021, algorithm 1)
+        m_hat = m / (1 - b1 ** t) if t <= WARMUP else m
+        update = m_hat / (v_hat.sqrt() + eps)
         with torch.no_grad():
             flat = torch.cat([p.reshape(-1) for p in params]) - LR * update
             offset = 0
