@@ -220,8 +220,6 @@ def run(config: SyncSGDConfig, **launch) -> list[dict]:
     return start(config, **launch).result()
 
 
-train_worker = train   # the name distlab/__main__.py still calls
-
 
 @dataclass
 class Task:
