@@ -27,6 +27,7 @@ from torch import nn
 
 import distlab
 from distlab import comm
+from distlab.data_parallel.ddp import average_gradients
 from distlab.sharding import zero
 from distlab.sharding.fsdp import FullyShardedDataParallel
 
@@ -77,7 +78,7 @@ def worker():
         opt.zero_grad()
         model(x).square().mean().backward()
         if average:
-            zero.average_gradients(list(model.parameters()))
+            average_gradients(list(model.parameters()))
         t = time.perf_counter()
         opt.step()
         return time.perf_counter() - t

@@ -1,27 +1,30 @@
 """Lab 04's runs: one training loop for every ZeRO stage, the memory sweep, and its figures.
 
 :func:`make_stage` turns a model into (model, optimizer) for stage 0, 1, 2 or 3, so the same
-loop (forward, ``backward()``, ``step()``) trains all four; :func:`train_worker` is that
-loop on the digits data, and :func:`train_reference` the same training on one process.
+loop (forward, ``backward()``, ``step()``) trains all four. A :class:`ZeroConfig` composes
+the shared :class:`~distlab.problems.workloads.Workload` (the MLP on the digits, or the tiny
+transformer) with a stage, an optimizer and a world size; the verbs are distlab's:
+:func:`train` runs on each rank, :func:`reference` is the one-process run it must equal,
+:func:`start` returns a :class:`~distlab.Run` and :func:`run` waits for it.
 :func:`sweep` measures memory and bytes per step for each stage and world size, beside the
 formulas of :mod:`distlab.sharding.memory`.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 import torch.distributed as dist
-from torch.nn import functional as F
 
 from distlab import comm, launcher
-from distlab.problems import data, models
-from distlab.sharding import memory
-from distlab.checks import is_int, is_number, require
-from distlab.sharding.fsdp import FullyShardedDataParallel
+from distlab.checks import is_int, is_number, require, require_arg
 from distlab.metrics import report
+from distlab.problems import models
+from distlab.problems.workloads import Workload
+from distlab.sharding import memory
+from distlab.sharding.fsdp import FullyShardedDataParallel
 from distlab.sharding.zero import OPTIMIZERS, STAGES, NaiveDistributedOptimizer, ShardedOptimizer
 
 STAGE_NAMES = {0: "stage 0 (naive)", 1: "stage 1 (P_os)", 2: "stage 2 (P_os+g)",
@@ -37,6 +40,8 @@ def make_stage(stage: int, model: torch.nn.Module, optimizer: str = "adam", grou
     2: the same with sharded gradients; 3: :class:`~distlab.sharding.fsdp.FullyShardedDataParallel`
     and the plain optimizer over its shards.
     """
+    require_stage(stage, optimizer)
+    require_arg("lr", lr, is_number(lr) and lr > 0, "a number > 0")
     cls, extra = OPTIMIZERS[optimizer]
     if stage == 0:
         return model, NaiveDistributedOptimizer(model.parameters(), cls, group, lr=lr, **extra)
@@ -48,57 +53,55 @@ def make_stage(stage: int, model: torch.nn.Module, optimizer: str = "adam", grou
     return sharded, cls(sharded.parameters(), lr=lr, **extra)
 
 
+def require_stage(stage, optimizer) -> None:
+    """Refuse a stage or optimizer name that :func:`make_stage` does not know."""
+    if stage not in STAGES or not is_int(stage):
+        raise ValueError(f"stage={stage!r} is out of range; allowed 0, 1, 2 or 3")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r} is out of range; allowed one of "
+                         f"{sorted(OPTIMIZERS)}")
+
+
 @dataclass(frozen=True)
 class ZeroConfig:
-    """One training run of lab 04: an MLP on the digits, with ZeRO stage ``stage``."""
+    """One training run of lab 04: a workload trained with ZeRO stage ``stage``."""
     stage: int = 1
     """0 (naive data parallel), 1, 2 or 3."""
     optimizer: str = "adam"
-    """"sgd" (momentum 0.9), "adam" or "adamw" (weight decay 0.01)."""
-    lr: float = 0.01
-    """learning rate."""
-    hidden: int = 64
-    """width of the hidden layers: the model's size."""
-    depth: int = 2
-    """number of hidden layers."""
-    num_steps: int = 30
-    """optimizer steps."""
-    batch_size: int = 64
-    """global batch: each of N ranks takes batch_size / N examples."""
-    seed: int = 0
-    """seed of the model and of the batches."""
+    """"sgd" (momentum 0.9), "adam" or "adamw" (weight decay 0.01), at ``workload.lr``."""
+    world_size: int = 4
+    """ranks; each takes ``workload.batch_size / world_size`` examples of every batch."""
+    workload: Workload = field(default_factory=lambda: Workload(lr=0.01, num_steps=30))
+    """what is trained: model, data, lr, steps, batch size, seed."""
 
     def __post_init__(self):
-        require(self, "stage", self.stage in STAGES, "0, 1, 2 or 3")
+        require(self, "stage", is_int(self.stage) and self.stage in STAGES, "0, 1, 2 or 3")
         require(self, "optimizer", self.optimizer in OPTIMIZERS, f"one of {sorted(OPTIMIZERS)}")
-        require(self, "lr", is_number(self.lr) and 0 < self.lr <= 10, "(0, 10]")
-        require(self, "hidden", is_int(self.hidden) and 1 <= self.hidden <= 4096, "1..4096")
-        require(self, "depth", is_int(self.depth) and 1 <= self.depth <= 16, "1..16")
-        require(self, "num_steps", is_int(self.num_steps) and 1 <= self.num_steps <= 10**6,
-                "1..1000000")
-        require(self, "batch_size", is_int(self.batch_size) and 1 <= self.batch_size <= 1437,
-                "1..1437 (the digits training set)")
+        require(self, "world_size", is_int(self.world_size)
+                and 1 <= self.world_size <= launcher.MAX_WORLD_SIZE,
+                f"an int in 1..{launcher.MAX_WORLD_SIZE}")
+        require(self, "workload", isinstance(self.workload, Workload), "a Workload")
+        require(self, "world_size", self.workload.batch_size % self.world_size == 0,
+                f"a divisor of workload.batch_size={self.workload.batch_size}, so every "
+                "rank's mean loss has the same weight")
 
 
-def _batch(config: ZeroConfig, step: int, n: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(config.seed * 100003 + step)
-    return torch.randperm(n, generator=g)[: config.batch_size]
+def lab_config(world_size: int = 4, stage: int = 1, optimizer: str = "adam",
+               **workload) -> ZeroConfig:
+    """A :class:`ZeroConfig` from flat settings: ``workload`` holds Workload fields
+    (``hidden=64, num_steps=30, lr=0.01``... with lab 04's defaults lr=0.01, 30 steps)."""
+    return ZeroConfig(stage=stage, optimizer=optimizer, world_size=world_size,
+                      workload=Workload(**{"lr": 0.01, "num_steps": 30, **workload}))
 
 
-def _flat(state: dict) -> torch.Tensor:
-    return torch.cat([v.detach().reshape(-1).float() for v in state.values()])
-
-
-def train_worker(config: ZeroConfig, group=None) -> dict:
+def train(config: ZeroConfig, group=None) -> dict:
     """Train on every rank; report loss and bytes sent per step; return params and memory."""
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
-    ds = data.digits(seed=config.seed)
-    net = models.mlp(ds.num_features, config.hidden, ds.num_classes, config.depth, config.seed)
-    model, opt = make_stage(config.stage, net, config.optimizer, group, config.lr)
+    wl = config.workload
+    model, opt = make_stage(config.stage, wl.build_model(), config.optimizer, group, wl.lr)
     comm.ledger().reset()
-    for step in range(config.num_steps):
-        mine = _batch(config, step, len(ds.y)).chunk(world_size)[rank]
-        loss = F.cross_entropy(model(ds.X[mine]), ds.y[mine])
+    for step, (X, y) in enumerate(wl.batches()):
+        loss = wl.loss(model(X.chunk(world_size)[rank]), y.chunk(world_size)[rank])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -106,76 +109,105 @@ def train_worker(config: ZeroConfig, group=None) -> dict:
     mem = memory.measure(model, opt)
     full = model.full_state_dict() if config.stage == 3 else model.state_dict()
     return {"params": _flat(full), "memory": mem,
-            "bytes_per_step": comm.ledger().totals()["bytes_sent"] / config.num_steps}
+            "bytes_per_step": comm.ledger().totals()["bytes_sent"] / wl.num_steps}
 
 
-def train_reference(config: ZeroConfig) -> torch.Tensor:
+def reference(config: ZeroConfig) -> torch.Tensor:
     """The same training on one process with the plain optimizer: the flat final params."""
-    ds = data.digits(seed=config.seed)
-    net = models.mlp(ds.num_features, config.hidden, ds.num_classes, config.depth, config.seed)
+    wl = config.workload
+    net = wl.build_model()
     cls, extra = OPTIMIZERS[config.optimizer]
-    opt = cls(net.parameters(), lr=config.lr, **extra)
-    for step in range(config.num_steps):
-        idx = _batch(config, step, len(ds.y))
+    opt = cls(net.parameters(), lr=wl.lr, **extra)
+    for X, y in wl.batches():
         opt.zero_grad()
-        F.cross_entropy(net(ds.X[idx]), ds.y[idx]).backward()
+        wl.loss(net(X), y).backward()
         opt.step()
     return _flat(net.state_dict())
 
 
+def start(config: ZeroConfig, **launch) -> launcher.Run:
+    """Start :func:`train` on ``config.world_size`` processes; return the Run at once."""
+    config = replace(config, workload=config.workload.loaded())   # data loaded once, here
+    return launcher.start(train, config.world_size, config, **launch)
+
+
+def run(config: ZeroConfig, **launch) -> list[dict]:
+    """:func:`start` and wait: every rank's result of :func:`train`, in rank order."""
+    return start(config, **launch).result()
+
+
 def start_training(world_size: int = 4, stage: int = 1, optimizer: str = "adam",
-                   hidden: int = 64, on_metrics=None, on_output=None, **config) -> launcher.Run:
-    """Start :func:`train_worker` on ``world_size`` processes (for a RunPanel); validated first."""
-    cfg = ZeroConfig(stage=stage, optimizer=optimizer, hidden=hidden, **config)
-    if cfg.batch_size % world_size:
-        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by world_size="
-                         f"{world_size}, so every rank's mean loss has the same weight")
-    return launcher.start(train_worker, world_size, cfg, on_metrics=on_metrics,
-                          on_output=on_output)
+                   hidden: int = 64, on_metrics=None, on_output=None, **workload) -> launcher.Run:
+    """The RunPanel's adapter: :func:`start` of :func:`lab_config` (validated first)."""
+    return start(lab_config(world_size, stage, optimizer, hidden=hidden, **workload),
+                 on_metrics=on_metrics, on_output=on_output)
+
+
+def _flat(state: dict) -> torch.Tensor:
+    return torch.cat([v.detach().reshape(-1).float() for v in state.values()])
 
 
 # -- the memory and communication sweep ------------------------------------------------------
 
+def sweep(world_sizes=(2, 4), stages=STAGES, optimizer: str = "adam", hidden: int = 64,
+          depth: int = 2) -> pd.DataFrame:
+    """Memory per rank (by category) and communication per step, each stage and world size.
+
+    One launch per world size; every argument is validated before the first. Returns a tidy
+    frame: ``world_size, stage, rank, category, measured, predicted`` (bytes). Category
+    ``bytes_sent`` is one step's communication as the :mod:`distlab.comm` ledger counts it:
+    for built-in collectives (stage 0's all-reduce, every all-gather) that is the ring
+    algorithm's volume for the tensor really handed over (model bytes); on gloo, the
+    reduce-scatter of stages 1-3 is distlab's own ring, whose sends are counted as they go:
+    ``sent_point_to_point`` holds those alone, and ``collective_calls`` the number of
+    collectives issued.
+    """
+    stages = tuple(stages)
+    for stage in stages:
+        require_stage(stage, optimizer)
+    workload = Workload(hidden=hidden, depth=depth, lr=0.01, num_steps=2)
+    configs = [ZeroConfig(optimizer=optimizer, world_size=n, workload=workload)
+               for n in world_sizes]
+    if not configs:
+        raise ValueError("world_sizes=() is empty; allowed one or more ints in "
+                         f"1..{launcher.MAX_WORLD_SIZE}")
+    rows = []
+    for config in configs:
+        config = replace(config, workload=workload.loaded())
+        for per_rank in launcher.launch(_sweep_worker, config.world_size, config, stages):
+            rows.extend(per_rank)
+    return pd.DataFrame(rows)
+
+
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
+
+
 def _sweep_worker(config: ZeroConfig, stages) -> list[dict]:
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    wl = config.workload           # two steps: the second is measured, state exists by then
     rows = []
     for stage in stages:
-        cfg = ZeroConfig(**{**asdict(config), "stage": stage, "num_steps": 2})
-        ds = data.digits(seed=cfg.seed)
-        net = models.mlp(ds.num_features, cfg.hidden, ds.num_classes, cfg.depth, cfg.seed)
+        net = wl.build_model()
         num_params = models.num_parameters(net)
-        model, opt = make_stage(stage, net, cfg.optimizer, None, cfg.lr)
-        for step in range(2):    # the second step is the one measured: state exists by then
+        model, opt = make_stage(stage, net, config.optimizer, None, wl.lr)
+        for X, y in wl.batches():
             comm.ledger().reset()
-            mine = _batch(cfg, step, len(ds.y)).chunk(world_size)[rank]
             opt.zero_grad()
-            F.cross_entropy(model(ds.X[mine]), ds.y[mine]).backward()
+            wl.loss(model(X.chunk(world_size)[rank]), y.chunk(world_size)[rank]).backward()
             opt.step()
         measured = memory.measure(model, opt)
-        predicted = memory.predicted_bytes(num_params, stage, world_size, cfg.optimizer)
-        sent = comm.ledger().totals()["bytes_sent"]
+        predicted = memory.predicted_bytes(num_params, stage, world_size, config.optimizer)
+        ops = comm.ledger().by_op()
         ring = (world_size - 1) / world_size * 4 * num_params
         for cat in memory.CATEGORIES:
             rows.append(dict(world_size=world_size, stage=stage, rank=rank, category=cat,
                              measured=measured[cat], predicted=predicted[cat]))
         rows.append(dict(world_size=world_size, stage=stage, rank=rank, category="bytes_sent",
-                         measured=sent, predicted=(3 if stage == 3 else 2) * ring))
+                         measured=comm.ledger().totals()["bytes_sent"],
+                         predicted=(3 if stage == 3 else 2) * ring,
+                         sent_point_to_point=ops.get("send", {}).get("bytes_sent", 0),
+                         collective_calls=sum(ops[k]["calls"] for k in COLLECTIVES if k in ops)))
     return rows
-
-
-def sweep(world_sizes=(2, 4), stages=STAGES, optimizer: str = "adam", hidden: int = 64,
-          depth: int = 2) -> pd.DataFrame:
-    """Memory per rank (by category) and bytes sent per step, for each stage and world size.
-
-    One launch per world size. Returns a tidy frame: ``world_size, stage, rank, category,
-    measured, predicted`` (bytes); category ``bytes_sent`` is the communication of one step.
-    """
-    config = ZeroConfig(optimizer=optimizer, hidden=hidden, depth=depth)
-    rows = []
-    for n in world_sizes:
-        for per_rank in launcher.launch(_sweep_worker, n, config, tuple(stages)):
-            rows.extend(per_rank)
-    return pd.DataFrame(rows)
 
 
 COLORS = {"params": "#4C78A8", "grads": "#F58518", "optimizer_state": "#54A24B"}

@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from distlab import comm, launcher
-from distlab.exercises import Verdict, register
+from distlab import comm
+from distlab.checks import is_int, require_arg
+from distlab.exercises import Verdict, launch_student, register
 
 NUMEL, STEPS, LR, BETA = 24, 3, 0.1, 0.9
 
@@ -66,11 +67,17 @@ def _first_wrong(a, b, n):
 
 
 def check_sharded_sgd_step(student_fn, world_size: int = 4) -> Verdict:
-    """Run ``student_fn`` for 3 steps on ``world_size`` ranks against one-process SGD."""
-    try:
-        results = launcher.launch(_worker, world_size, student_fn, timeout=60)
-    except launcher.WorkerError as e:
-        return Verdict(False, f"rank {e.rank} failed: {e.reason}")
+    """Run ``student_fn`` for 3 steps on ``world_size`` ranks against one-process SGD.
+
+    ``world_size`` must divide the parameter's 24 elements, so every slice is equal.
+    """
+    require_arg("world_size", world_size, is_int(world_size) and world_size >= 1 and NUMEL % world_size == 0,
+                f"a divisor of {NUMEL}: 1, 2, 3, 4, 6, 8, 12 or 24")
+    results, verdict = launch_student(
+        "sharded_sgd_step", student_fn, _worker, world_size, student_fn, timeout=60,
+        hang_hint="every rank must call the all-gather, once per step, with its own slice")
+    if verdict is not None:
+        return verdict
     n = NUMEL // world_size
     ref = _reference()
     for step, (want_p, want_m) in enumerate(ref):

@@ -1,4 +1,6 @@
 """Lab 04 · distributed Adam and ZeRO.
 
-``zero`` (ZeRO-1/2 sharded optimizers), ``fsdp`` (ZeRO-3), ``memory`` (the ZeRO paper's formulas).
+``zero`` (stage 0 and the ZeRO-1/2 sharded optimizer), ``fsdp`` and ``fsdp_units`` (ZeRO-3),
+``layout`` (how tensors are cut into shards, and the collectives that move them),
+``memory`` (the ZeRO paper's formulas, and what a rank really holds).
 """

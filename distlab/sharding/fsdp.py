@@ -19,7 +19,18 @@ How the freeing works here: the gathered parameters are plain tensors that autog
 keep alive for backward (``Linear`` saves its weight to compute the input's gradient). A
 ``saved_tensors_hooks`` context swaps every saved tensor that lives in a gathered
 parameter for a small reference, and gathers the unit again when backward unpacks it, which
-is what PyTorch's activation checkpointing does for activations.
+is what PyTorch's activation checkpointing does for activations. The unit counts the
+references it handed out: at the last unpack it lets the gathered tensors go, so a frozen
+layer (which has no gradient to reduce-scatter, and so no other signal that backward is done
+with it) is freed as soon as its backward has run, not at the end of backward.
+
+Every rank must gather the same units in the same order, since gloo pairs collectives by
+the order they are issued. A forward whose path depends on the rank's data (a branch,
+routing to experts) breaks that when the branches are separate units; each all-gather
+carries the unit's tag, so that case is refused with an error, and the cure is to make the
+module holding every branch one unit (``unit_types``). The other cases (tied weights,
+frozen layers, buffers, which stay whole on every rank and are not synchronized, float64,
+bfloat16) are tested in ``tests/sharding/test_hard_cases.py``.
 
 Optional mixed precision (Micikevicius et al. 2018): ``compute_dtype=torch.bfloat16``
 gathers and computes in bf16 (half the all-gather bytes) while the shards, the gradients'
@@ -27,115 +38,12 @@ reduction and the optimizer stay fp32 ("master weights").
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from distlab.sharding.zero import ShardLayout, all_gather_rows, reduce_scatter
-
-
-class _Unit:
-    """The parameters gathered and freed together: those of one module (one layer)."""
-
-    def __init__(self, owner: "FullyShardedDataParallel", indices: list[int]):
-        self.owner = owner
-        self.trainable = [i for i in indices if owner._params_meta[i][2]]
-        self.frozen = [i for i in indices if not owner._params_meta[i][2]]
-        meta = owner._params_meta
-        self.layouts = {kind: ShardLayout([meta[i][1] for i in idx], owner.world_size)
-                        for kind, idx in (("trainable", self.trainable), ("frozen", self.frozen))}
-        self._backward_cache: dict[str, list] = {}
-        self.last_gathered: list = []    # weak references, to check that freeing works
-
-    def indices(self, kind):
-        return self.trainable if kind == "trainable" else self.frozen
-
-    def all_gather(self, kind: str) -> list[torch.Tensor]:
-        """The full parameters of this unit (no autograd): one all-gather."""
-        fsdp = self.owner
-        shards = [fsdp.shards[i] for i in self.indices(kind)]
-        if not shards:
-            return []
-        row = self.layouts[kind].pack_row([s.detach() for s in shards],
-                                          dtype=fsdp.compute_dtype or shards[0].dtype)
-        return self.layouts[kind].unpack_rows(all_gather_rows(row, fsdp.group))
-
-    def gather(self) -> None:
-        """Before the unit's forward: gather its parameters and put them in its modules."""
-        fsdp = self.owner
-        fulls = {}
-        if self.trainable:
-            out = _AllGather.apply(self, *[fsdp.shards[i] for i in self.trainable])
-            fulls.update(zip(self.trainable, out))
-        with torch.no_grad():
-            fulls.update(zip(self.frozen, self.all_gather("frozen")))
-        for kind in ("trainable", "frozen"):
-            for j, i in enumerate(self.indices(kind)):
-                # Remember the storage, so the pack hook knows this tensor is a parameter.
-                fsdp._gathered[fulls[i].untyped_storage().data_ptr()] = (self, kind, j)
-                for module, name in fsdp._owners[i]:
-                    setattr(module, name, fulls[i])
-        self.last_gathered = [weakref.ref(t) for t in fulls.values()]
-
-    def release(self) -> None:
-        """After the unit's forward: drop every reference to the full parameters."""
-        fsdp = self.owner
-        for kind in ("trainable", "frozen"):
-            for i in self.indices(kind):
-                for module, name in fsdp._owners[i]:
-                    full = getattr(module, name)
-                    if full is not None:
-                        fsdp._gathered.pop(full.untyped_storage().data_ptr(), None)
-                    setattr(module, name, None)
-
-    def full_for_backward(self, kind: str) -> list[torch.Tensor]:
-        """Backward needs the parameters again: gather once per backward pass."""
-        if kind not in self._backward_cache:
-            self._backward_cache[kind] = self.all_gather(kind)
-            self.owner._clear_at_end_of_backward()
-        return self._backward_cache[kind]
-
-    def drop_backward_cache(self, kind: str | None = None) -> None:
-        if kind is None:
-            self._backward_cache.clear()
-        else:
-            self._backward_cache.pop(kind, None)
-
-
-class _AllGather(torch.autograd.Function):
-    """Forward: all-gather the unit's shards. Backward: reduce-scatter the gradients."""
-
-    @staticmethod
-    def forward(ctx, unit: _Unit, *shards):
-        ctx.unit = unit
-        return tuple(unit.all_gather("trainable"))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        unit = ctx.unit
-        fsdp, layout = unit.owner, unit.layouts["trainable"]
-        unit.drop_backward_cache("trainable")     # every user of them has run by now
-        fulls = [torch.zeros(s, dtype=torch.float32) if g is None else g
-                 for g, s in zip(grads, layout.shapes)]
-        # Reduce in fp32 whatever the compute dtype: the sum of N bf16 numbers loses bits.
-        rows = layout.pack_rows(fulls, dtype=torch.float32)
-        mine = reduce_scatter(rows, fsdp.group) / fsdp.world_size
-        out = []
-        for j, i in enumerate(unit.trainable):
-            o = layout.offsets[j]
-            out.append(mine[o:o + fsdp.shards[i].numel()])
-        return (None, *out)
-
-
-class _ParamRef:
-    """What autograd keeps instead of a gathered parameter (or a view of one)."""
-    __slots__ = ("unit", "kind", "j", "size", "stride", "offset")
-
-    def __init__(self, unit, kind, j, t):
-        self.unit, self.kind, self.j = unit, kind, j
-        self.size, self.stride, self.offset = t.size(), t.stride(), t.storage_offset()
+from distlab.sharding.fsdp_units import ParamRef, Unit
+from distlab.sharding.layout import ShardLayout, all_gather_rows
 
 
 class FullyShardedDataParallel(nn.Module):
@@ -156,10 +64,17 @@ class FullyShardedDataParallel(nn.Module):
             of its unit: outside it, the attribute is None.
         compute_dtype: e.g. ``torch.bfloat16``: gather and compute in that dtype, keep fp32
             shards ("master weights"); floating inputs are cast to it, outputs back to fp32.
+
+    Refused at construction: a unit whose parameters have different dtypes (one all-gather
+    carries one dtype), an unknown ``compute_dtype``.
     """
 
     def __init__(self, module: nn.Module, group=None, *, unit_types=None, compute_dtype=None):
         super().__init__()
+        if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype)
+                                              and compute_dtype.is_floating_point):
+            raise ValueError(f"compute_dtype={compute_dtype!r} is not supported; allowed None "
+                             "or a floating torch dtype (torch.bfloat16, torch.float16...)")
         self.module, self.group, self.compute_dtype = module, group, compute_dtype
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         named = list(module.named_parameters())             # tied weights once
@@ -172,7 +87,7 @@ class FullyShardedDataParallel(nn.Module):
                 parent[c] = m
             for pname, p in m.named_parameters(recurse=False):
                 self._owners[index[id(p)]].append((m, pname))
-        self._params_meta = [(n, p.shape, p.requires_grad) for n, p in named]
+        self._params_meta = [(n, p.shape, p.requires_grad, p.dtype) for n, p in named]
         units: dict[nn.Module, list[int]] = {module: []}
         for i in range(len(named)):
             owners = self._owners[i]
@@ -190,7 +105,8 @@ class FullyShardedDataParallel(nn.Module):
                 setattr(m, pname, None)
         self._gathered: dict[int, tuple] = {}
         self._callback_queued = False
-        self.units = {m: _Unit(self, idx) for m, idx in units.items()}
+        names = {m: n or "(root)" for n, m in module.named_modules()}
+        self.units = {m: Unit(self, idx, k, names[m]) for k, (m, idx) in enumerate(units.items())}
         self._root_unit = self.units[module]
         for m, unit in self.units.items():
             if m is not module:
@@ -221,10 +137,13 @@ class FullyShardedDataParallel(nn.Module):
     def _pack(self, t: torch.Tensor):
         hit = self._gathered.get(t.untyped_storage().data_ptr()) if t.layout == torch.strided \
             else None
-        return t if hit is None else _ParamRef(*hit, t)
+        if hit is None:
+            return t
+        hit[0].saved(hit[1])
+        return ParamRef(*hit, t)
 
     def _unpack(self, saved):
-        if not isinstance(saved, _ParamRef):
+        if not isinstance(saved, ParamRef):
             return saved
         full = saved.unit.full_for_backward(saved.kind)[saved.j]
         return full.as_strided(saved.size, saved.stride, saved.offset)
@@ -249,13 +168,12 @@ class FullyShardedDataParallel(nn.Module):
 
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The unsharded fp32 ``state_dict`` of the wrapped module, on every rank.
+        """The unsharded ``state_dict`` of the wrapped module (the shards' dtype), on every rank.
 
-        One all-gather (every rank must call it). Tied weights appear under every name,
-        as in ``module.state_dict()``.
+        One all-gather per dtype (every rank must call it). Tied weights appear under every
+        name, as in ``module.state_dict()``.
         """
-        row = self._layout.pack_row([s.detach() for s in self.shards], dtype=torch.float32)
-        fulls = self._layout.unpack_rows(all_gather_rows(row, self.group))
+        fulls = self._all_gather_full(list(self.shards))
         out = {}
         for i, full in enumerate(fulls):
             for m, pname in self._owners[i]:
@@ -272,6 +190,20 @@ class FullyShardedDataParallel(nn.Module):
             self.shards[i].copy_(self._layout.shard(i, state_dict[name], self.rank))
         for name, b in self.module.named_buffers():
             b.copy_(state_dict[name])
+
+    def _all_gather_full(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
+        # shards[i]: this rank's shard of (a state of) parameter i; one all-gather per dtype.
+        fulls: list = [None] * len(shards)
+        kinds: dict[torch.dtype, list[int]] = {}
+        for i, s in enumerate(shards):
+            kinds.setdefault(s.dtype, []).append(i)
+        for idx in kinds.values():
+            layout = ShardLayout([self._layout.shapes[i] for i in idx], self.world_size)
+            row = layout.pack_row([shards[i].detach() for i in idx])
+            fulls_of_kind = layout.unpack_rows(all_gather_rows(row, self.group))
+            for i, full in zip(idx, fulls_of_kind):
+                fulls[i] = full
+        return fulls
 
     def _positions(self, optimizer) -> list[int]:
         # The optimizer's k-th parameter is the shard of original parameter positions[k].
@@ -295,8 +227,7 @@ class FullyShardedDataParallel(nn.Module):
             for k, st in state.items():
                 if key in st:
                     mine[where[k]] = st[key]
-            row = self._layout.pack_row(mine, dtype=torch.float32)
-            fulls = self._layout.unpack_rows(all_gather_rows(row, self.group))
+            fulls = self._all_gather_full(mine)
             for k, st in state.items():
                 if key in st:
                     st[key] = fulls[where[k]]

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from distlab.checks import is_int, is_number, require_arg
+
 CATEGORIES = ("params", "grads", "optimizer_state")
 STATE_BYTES_PER_PARAM = {"sgd": 4, "adam": 8, "adamw": 8}
 """K in fp32: SGD with momentum keeps one buffer, Adam and AdamW two."""
@@ -35,8 +37,9 @@ def predicted_bytes(num_params: int, stage: int, world_size: int, optimizer: str
         optimizer: "sgd" (with momentum), "adam" or "adamw".
         param_bytes: bytes per parameter and per gradient value (4 for fp32).
     """
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f"stage={stage!r} is out of range; allowed 0, 1, 2, 3")
+    _require_sizes(num_params, stage, world_size)
+    require_arg("param_bytes", param_bytes, is_number(param_bytes) and param_bytes > 0,
+                "a number > 0")
     if optimizer not in STATE_BYTES_PER_PARAM:
         raise ValueError(f"optimizer={optimizer!r} is unknown; allowed "
                          f"{sorted(STATE_BYTES_PER_PARAM)}")
@@ -48,9 +51,19 @@ def predicted_bytes(num_params: int, stage: int, world_size: int, optimizer: str
 
 def paper_bytes(num_params: int, stage: int, world_size: int, k: int = 12) -> float:
     """The paper's own mixed-precision formula, total bytes per rank (Figure 1)."""
+    _require_sizes(num_params, stage, world_size)
+    require_arg("k", k, is_number(k) and k >= 0, "a number >= 0")
     psi, n = num_params, world_size
     return [(2 + 2 + k) * psi, (2 + 2) * psi + k * psi / n, 2 * psi + (2 + k) * psi / n,
             (2 + 2 + k) * psi / n][stage]
+
+
+def _require_sizes(num_params, stage, world_size) -> None:
+    # The paper's Ψ = 7.5e9 is a float: any number >= 0 counts as a parameter count.
+    require_arg("num_params", num_params, is_number(num_params) and num_params >= 0,
+                "a number >= 0")
+    require_arg("stage", stage, is_int(stage) and stage in (0, 1, 2, 3), "0, 1, 2, 3")
+    require_arg("world_size", world_size, is_int(world_size) and world_size >= 1, "an int >= 1")
 
 
 def _local_optimizer(optimizer):

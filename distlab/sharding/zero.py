@@ -1,4 +1,4 @@
-"""ZeRO stages 1 and 2: shard the optimizer state, then the gradients, across the ranks.
+"""ZeRO stages 0 to 2: all-reduce, then shard the optimizer state, then the gradients.
 
 Data-parallel training with Adam keeps, on *every* rank, the parameters, their gradients
 and Adam's two moments: with Ψ fp32 parameters that is 4Ψ + 4Ψ + 8Ψ = 16Ψ bytes per rank,
@@ -20,25 +20,30 @@ K = 4). Volumes are per rank, times (N-1)/N; in the alpha-beta model a ring redu
 or all-gather of n bytes costs (N-1)·alpha + (N-1)/N·n·beta, an all-reduce twice that. So
 stages 1 and 2 cost what data parallelism costs (section 7.2.1), and save memory for free.
 
-How the shards are cut (the layout PyTorch's FSDP2 uses): every parameter is flattened,
-padded to a multiple of N and cut into N equal chunks; rank r owns chunk r of *every*
-parameter. The optimizer a rank runs is an ordinary ``torch.optim`` optimizer over its
-chunks, which are views into the parameters' own storage, so stepping them updates the model
-in place and Adam, AdamW or SGD (any *elementwise* optimizer) gives bit for bit the update it
-would give the whole tensor. An all-gather then hands every rank the chunks it did not step.
+How the shards are cut (:mod:`distlab.sharding.layout`, the layout PyTorch's FSDP2 uses):
+every parameter is flattened, padded to a multiple of N and cut into N equal chunks; rank r
+owns chunk r of *every* parameter. The optimizer a rank runs is an ordinary ``torch.optim``
+optimizer over its chunks, which are views into the parameters' own storage, so stepping
+them updates the model in place and Adam, AdamW or SGD (any *elementwise* optimizer) gives
+bit for bit the update it would give the whole tensor. An all-gather then hands every rank
+the chunks it did not step.
+
+Ranks whose forward used different parameters (a data-dependent branch, routed experts)
+must still meet in the same collectives: as in
+:func:`distlab.data_parallel.ddp.average_gradients`, a gradient that is None on a rank
+counts as zeros, and every rank communicates the parameters in one fixed order (parameter
+order; stage 2 the reverse, roughly the order backward produces them), grouped by device
+and dtype, whatever order its own backward ran in.
 
 All communication goes through :mod:`distlab.comm`, so every byte is counted.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
-from torch.nn import functional as F
 
-from distlab import comm
-from distlab.communication.collectives import ring_reduce_scatter
+from distlab.data_parallel.ddp import average_gradients
+from distlab.sharding.layout import ShardLayout, all_gather_rows, reduce_scatter
 
 GRADIENT_MODES = ("averaged", "reduce_scatter", "sharded")
 STAGES = (0, 1, 2, 3)
@@ -46,133 +51,26 @@ OPTIMIZERS = {"sgd": (torch.optim.SGD, {"momentum": 0.9}), "adam": (torch.optim.
               "adamw": (torch.optim.AdamW, {"weight_decay": 0.01})}
 
 
-# -- the shard layout ---------------------------------------------------------------------
-
-class ShardLayout:
-    """Which elements of each tensor a rank owns: chunk r of the tensor flattened and padded.
-
-    A tensor of n elements is padded to N·c elements, c = ceil(n / N), and viewed as (N, c):
-    row r is rank r's chunk. Rank r's *shard* is that chunk without the padding (elements
-    ``bounds(i, r)`` of the flat tensor; it may be shorter than c, or empty). Collectives
-    move whole rows: a rank's row for all tensors is the concatenation of its chunks,
-    ``row_len = sum(c)`` elements.
-
-    Args:
-        shapes: the full shapes of the tensors.
-        world_size: N, the number of ranks that share them.
-    """
-
-    def __init__(self, shapes, world_size: int):
-        self.shapes = [torch.Size(s) for s in shapes]
-        self.world_size = world_size
-        self.numels = [s.numel() for s in self.shapes]
-        self.chunks = [math.ceil(n / world_size) for n in self.numels]
-        self.offsets = [sum(self.chunks[:i]) for i in range(len(self.chunks))]
-        self.row_len = sum(self.chunks)
-
-    def bounds(self, i: int, rank: int) -> tuple[int, int]:
-        """The range [start, stop) of tensor ``i``'s flat elements that ``rank`` owns."""
-        c, n = self.chunks[i], self.numels[i]
-        return min(rank * c, n), min((rank + 1) * c, n)
-
-    def shard(self, i: int, full: torch.Tensor, rank: int) -> torch.Tensor:
-        """Rank ``rank``'s shard of the full tensor ``full`` (a view, not a copy)."""
-        start, stop = self.bounds(i, rank)
-        return full.reshape(-1)[start:stop]
-
-    def pack_row(self, shards, dtype=None) -> torch.Tensor:
-        """One rank's shards laid out as its row, zero padded: shape (row_len,)."""
-        row = torch.zeros(self.row_len, dtype=dtype or shards[0].dtype)
-        for o, s in zip(self.offsets, shards):
-            row[o:o + s.numel()] = s
-        return row
-
-    def pack_rows(self, fulls, dtype=None) -> torch.Tensor:
-        """Full tensors laid out as the rows of all ranks: shape (N, row_len)."""
-        N = self.world_size
-        return torch.cat([F.pad(t.reshape(-1).to(dtype or t.dtype), (0, N * c - n)).view(N, c)
-                          for t, n, c in zip(fulls, self.numels, self.chunks)], dim=1)
-
-    def unpack_rows(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        """The inverse of :meth:`pack_rows`: (N, row_len) rows back to full tensors."""
-        out = []
-        for o, c, n, shape in zip(self.offsets, self.chunks, self.numels, self.shapes):
-            flat = rows.new_empty(self.world_size * c)
-            flat.view(self.world_size, c).copy_(rows[:, o:o + c])
-            out.append(flat[:n].view(shape))
-        return out
-
-    def unpack_rows_into(self, rows: torch.Tensor, fulls) -> None:
-        """:meth:`unpack_rows` written straight into existing contiguous tensors: one copy."""
-        for o, c, n, t in zip(self.offsets, self.chunks, self.numels, fulls):
-            flat, whole = t.view(-1), n // c if c else 0
-            flat[:whole * c].view(whole, c).copy_(rows[:whole, o:o + c])
-            if n > whole * c:
-                flat[whole * c:].copy_(rows[whole, o:o + n - whole * c])
-
-
-# -- the collectives ZeRO needs -----------------------------------------------------------
-
-def reduce_scatter(rows: torch.Tensor, group=None) -> torch.Tensor:
-    """Sum ``rows`` (N, L) over the ranks and return this rank's row of the sum, (L,).
-
-    Gloo has no reduce-scatter, so on gloo this is the ring algorithm of
-    :func:`distlab.communication.collectives.ring_reduce_scatter` (Patarasuk and Yuan 2009): N-1 steps, in
-    each a rank passes one partial sum to its right neighbour and adds the one arriving from
-    its left. Cost (N-1)·alpha + (N-1)/N·n·beta for n = N·L elements, half an all-reduce,
-    and the ledger counts exactly those bytes. ``rows`` is overwritten. Other backends use
-    their native reduce-scatter.
-    """
-    if dist.get_world_size(group) == 1:
-        return rows[0]
-    if dist.get_backend(group) != "gloo":
-        out = rows.new_empty(rows.shape[1])
-        comm.reduce_scatter_tensor(out, rows.reshape(-1), group=group)
-        return out
-    # N·L elements split N ways: chunk r is exactly row r.
-    return ring_reduce_scatter(rows.view(-1), group, check=False)
-
-
-def all_gather_rows(row: torch.Tensor, group=None) -> torch.Tensor:
-    """Every rank's ``row`` (L,), stacked: (N, L). One ring all-gather, (N-1)/N·n bytes."""
-    N = dist.get_world_size(group)
-    out = row.new_empty(N * row.numel())
-    comm.all_gather_into_tensor(out, row.contiguous(), group=group)
-    return out.view(N, -1)
-
-
-def average_gradients(params, group=None) -> None:
-    """Naive data parallel: all-reduce every gradient (flattened into one buffer), divide by N.
-
-    Cost: 2(N-1)·alpha + 2(N-1)/N·n·beta for n bytes of gradients.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    comm.all_reduce(flat, group=group)
-    flat /= dist.get_world_size(group)
-    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(part.view_as(g))
-
-
 # -- stage 0: the baseline ----------------------------------------------------------------
 
 class NaiveDistributedOptimizer:
     """Stage 0: every rank keeps the full optimizer state and steps every parameter.
 
-    ``step()`` all-reduces the gradients (:func:`average_gradients`), then runs an ordinary
-    ``optimizer_class`` over all parameters: N identical copies of the same work and state.
+    ``step()`` averages the gradients with distlab's one averaging,
+    :func:`distlab.data_parallel.ddp.average_gradients` (one all-reduce per dtype, a missing
+    gradient counting as zeros), then runs an ordinary ``optimizer_class`` over all
+    parameters: N identical copies of the same work and state. Cost per step:
+    2(N-1)·alpha + 2(N-1)/N·n·beta for n bytes of gradients.
 
     Args:
-        params: parameters or parameter groups, as for any torch optimizer.
+        params: parameters or parameter groups, as for any torch optimizer (not empty).
         optimizer_class: e.g. ``torch.optim.Adam``.
         group: the process group (default: the world).
         **defaults: the optimizer's hyperparameters (``lr=...``).
     """
 
     def __init__(self, params, optimizer_class, group=None, **defaults):
-        self.optimizer = optimizer_class(params, **defaults)
+        self.optimizer = optimizer_class(_not_empty(params, type(self).__name__), **defaults)
         self.group = group
 
     @property
@@ -204,34 +102,34 @@ class NaiveDistributedOptimizer:
 
 # -- stages 1 and 2 -----------------------------------------------------------------------
 
-def _leaf_view(t: torch.Tensor) -> torch.Tensor:
-    # A leaf that shares storage with the parameter: the local optimizer writes the model.
-    return t.detach().requires_grad_(True)
-
-
 class ShardedOptimizer(torch.optim.Optimizer):
     """ZeRO stage 1 (and 2): each rank keeps and steps the optimizer state of its shards only.
 
     The convention is that of ``torch.distributed.optim.ZeroRedundancyOptimizer``:
     construct it with the model's parameters, the optimizer class and its hyperparameters,
     then call ``zero_grad``/``backward``/``step`` as usual. After ``step()`` every rank holds
-    the same updated parameters, equal (to float32 rounding) to what ``optimizer_class`` on
-    one process would produce.
+    the same updated parameters, equal (to rounding) to what ``optimizer_class`` on one
+    process would produce.
 
     Args:
-        params: parameters or parameter groups (dicts with their own hyperparameters).
-            Parameters with ``requires_grad=False`` are kept out of the shards; one whose
-            gradient is None (on every rank) is skipped by the step, as torch does.
+        params: parameters or parameter groups (dicts with their own hyperparameters), not
+            empty. Parameters with ``requires_grad=False`` are kept out of the shards.
         optimizer_class: an elementwise torch optimizer (SGD, Adam, AdamW, ...).
         group: the process group (default: the world).
         gradients: how ``p.grad`` arrives, so how gradients are communicated:
             ``"averaged"`` (default, as ZeroRedundancyOptimizer): ``p.grad`` already holds the
-            average over ranks (from DDP, or :func:`average_gradients`); no gradient traffic.
+            average over ranks (from DDP, or :func:`~distlab.data_parallel.ddp.average_gradients`);
+            no gradient traffic, and a None gradient is skipped by the step, as torch does.
             ``"reduce_scatter"`` (stage 1 as in the paper): ``p.grad`` is this rank's own
             gradient; ``step()`` reduce-scatters them so each rank gets the average of its
             shards only (written into its slice of ``p.grad``; the rest stays local).
             ``"sharded"`` (stage 2): each gradient is reduce-scattered as soon as backward
-            has produced it, only this rank's shard is kept and ``p.grad`` is freed.
+            has produced it and every one before it in the fixed order; only this rank's
+            shard is kept and ``p.grad`` is freed. Every rank must run the same number of
+            backward passes per step, each reaching at least one of these parameters (the
+            rest are sent as zeros when that backward ends). In both these modes a gradient that is None on a rank
+            counts as zeros (so a parameter no rank used is still stepped, with a zero
+            gradient, as under :func:`~distlab.data_parallel.ddp.average_gradients`).
         **defaults: the optimizer's hyperparameters (``lr=...``).
     """
 
@@ -240,17 +138,25 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if gradients not in GRADIENT_MODES:
             raise ValueError(f"gradients={gradients!r} is not supported; use one of "
                              f"{GRADIENT_MODES}")
-        super().__init__(params, defaults)
-        self.group, self.gradients = group, gradients
-        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
-        self._params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        super().__init__(_not_empty(params, type(self).__name__), defaults)
+        self._params = list({id(p): p for g in self.param_groups for p in g["params"]
+                             if p.requires_grad}.values())
         for p in self._params:
             if not p.is_contiguous():
                 raise ValueError(f"ShardedOptimizer needs contiguous parameters; got one of "
-                                 f"shape {tuple(p.shape)} with strides {p.stride()}")
-        self.layout = ShardLayout([p.shape for p in self._params], self.world_size)
-        self._shards = [_leaf_view(self.layout.shard(i, p.data, self.rank))
-                        for i, p in enumerate(self._params)]
+                                 f"shape {tuple(p.shape)} with strides {p.stride()}: pass "
+                                 "p.contiguous() parameters (or use NaiveDistributedOptimizer)")
+        self.group, self.gradients = group, gradients
+        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        # One layout per (device, dtype): a float64 parameter travels as float64.
+        kinds: dict[tuple, list[int]] = {}
+        for i, p in enumerate(self._params):
+            kinds.setdefault((p.device, p.dtype), []).append(i)
+        self._buckets = [(idx, ShardLayout([self._params[i].shape for i in idx],
+                                           self.world_size)) for idx in kinds.values()]
+        self._place = {i: (layout, j) for idx, layout in self._buckets
+                       for j, i in enumerate(idx)}
+        self._shards = [_leaf_view(self._shard(i, p.data)) for i, p in enumerate(self._params)]
         index = {id(p): i for i, p in enumerate(self._params)}
         self.optim = optimizer_class(
             [{**_hyper(g), "params": [self._shards[index[id(p)]] for p in g["params"]
@@ -263,38 +169,65 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._consolidated = None
         self._hooks = []
         if gradients == "sharded":
-            self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i))
-                           for i, p in enumerate(self._params)]
+            self._order = list(reversed(range(len(self._params))))   # ~ backward's order
+            self._reset_backward()
+            self._hooks = [p.register_post_accumulate_grad_hook(
+                lambda p, i=i: self._on_grad_ready(i)) for i, p in enumerate(self._params)]
+
+    def _shard(self, i: int, full: torch.Tensor) -> torch.Tensor:
+        layout, j = self._place[i]
+        return layout.shard(j, full, self.rank)
 
     # -- gradients --------------------------------------------------------------------
 
-    def _make_hook(self, i):
-        def reduce_now(p):
-            # Stage 2: as soon as p's gradient is complete, keep only this rank's average.
-            rows = _rows_of(self.layout, i, p.grad)   # (N, c), a fresh copy
-            mine = reduce_scatter(rows, self.group)[: self._shards[i].numel()]
-            mine /= self.world_size
-            shard = self._shards[i]
-            shard.grad = mine.clone() if shard.grad is None else shard.grad.add_(mine)
-            p.grad = None   # the full gradient is freed at once
-        return reduce_now
+    def _reset_backward(self) -> None:
+        self._ready = [False] * len(self._params)
+        self._next = 0                  # position in self._order of the next reduce-scatter
+        self._end_queued = False
+
+    def _on_grad_ready(self, i: int) -> None:
+        # Stage 2. Reduce-scatter in the fixed order only: gloo pairs collectives by the
+        # order they are issued, and another rank's backward may run in another order.
+        self._ready[i] = True
+        if not self._end_queued:
+            self._end_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        while self._next < len(self._order) and self._ready[self._order[self._next]]:
+            self._reduce_scatter_one(self._order[self._next])
+            self._next += 1
+
+    def _end_of_backward(self) -> None:
+        # The parameters this rank's backward did not reach: zeros, so every rank joins.
+        for i in self._order[self._next:]:
+            self._reduce_scatter_one(i)
+        self._reset_backward()
+
+    def _reduce_scatter_one(self, i: int) -> None:
+        p, shard = self._params[i], self._shards[i]
+        layout, j = self._place[i]
+        rows = layout.rows(j, p.grad if p.grad is not None else torch.zeros_like(p))  # (N, c)
+        mine = reduce_scatter(rows, self.group)[: shard.numel()] / self.world_size
+        shard.grad = mine if shard.grad is None else shard.grad.add_(mine)
+        p.grad = None   # the full gradient is freed at once
 
     def _gradients_to_shards(self) -> None:
         if self.gradients == "sharded":
             return
-        have = [p.grad is not None for p in self._params]
-        if self.gradients == "reduce_scatter" and any(have):
-            rows = self.layout.pack_rows([p.grad if p.grad is not None else torch.zeros_like(p)
-                                          for p in self._params])
-            mine = reduce_scatter(rows, self.group) / self.world_size
-            for i, p in enumerate(self._params):
-                if p.grad is not None:
-                    o, n = self.layout.offsets[i], self._shards[i].numel()
-                    self.layout.shard(i, p.grad, self.rank).copy_(mine[o:o + n])
+        if self.gradients == "reduce_scatter":
+            for idx, layout in self._buckets:
+                for i in idx:
+                    p = self._params[i]
+                    if p.grad is None:        # a rank that did not use p still joins
+                        p.grad = torch.zeros_like(p)
+                grads = [self._params[i].grad for i in idx]
+                mine = reduce_scatter(layout.pack_rows(grads), self.group)
+                mine /= self.world_size
+                for j, i in enumerate(idx):
+                    o, n = layout.offsets[j], self._shards[i].numel()
+                    layout.shard(j, grads[j], self.rank).copy_(mine[o:o + n])
         for i, p in enumerate(self._params):
             # A view of this rank's slice of p.grad: no copy.
-            self._shards[i].grad = (self.layout.shard(i, p.grad, self.rank) if have[i]
-                                    else None)
+            self._shards[i].grad = None if p.grad is None else self._shard(i, p.grad)
 
     # -- the step ---------------------------------------------------------------------
 
@@ -309,9 +242,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             local.update(_hyper(ours))     # an LR scheduler may have changed ours
         self._gradients_to_shards()
         self.optim.step()
-        rows = all_gather_rows(self.layout.pack_row(self._shards) if self._shards
-                               else torch.zeros(0), self.group)
-        self.layout.unpack_rows_into(rows, self._params)
+        for idx, layout in self._buckets:
+            rows = all_gather_rows(layout.pack_row([self._shards[i] for i in idx]), self.group)
+            layout.unpack_rows_into(rows, [self._params[i] for i in idx])
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -330,12 +263,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
         local = [self.optim.state.get(s, {}) for s in self._shards]
         keys = sorted({k for st in local for k, v in st.items() if torch.is_tensor(v)
                        and v.dim() == 1})
-        full = {}
+        full: dict[str, dict[int, torch.Tensor]] = {k: {} for k in keys}
         for k in keys:
-            dtype = next(st[k].dtype for st in local if k in st)
-            row = self.layout.pack_row([st.get(k, torch.zeros(0, dtype=dtype)) for st in local],
-                                       dtype=dtype)
-            full[k] = self.layout.unpack_rows(all_gather_rows(row, self.group))
+            for idx, layout in self._buckets:
+                mine = [local[i].get(k) for i in idx]
+                like = next((t for t in mine if t is not None), None)
+                if like is None:
+                    continue
+                row = layout.pack_row([like.new_zeros(0) if t is None else t for t in mine])
+                full[k].update(zip(idx, layout.unpack_rows(all_gather_rows(row, self.group))))
         if self.rank != to:
             self._consolidated = None
             return
@@ -346,7 +282,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             for p in g["params"]:
                 i = index.get(id(p))
                 if i is not None and local[i]:
-                    state[n] = {k: (full[k][i].clone() if k in full else _copy(v))
+                    state[n] = {k: (full[k][i].clone() if i in full.get(k, {}) else _copy(v))
                                 for k, v in local[i].items()}
                 n += 1
         self._consolidated = {"state": state, "param_groups": groups}
@@ -376,7 +312,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 st = state_dict["state"].get(key)
                 if i is not None and st:
                     local_state[local_index[id(self._shards[i])]] = {
-                        k: (self.layout.shard(i, v, self.rank).clone()
+                        k: (self._shard(i, v).clone()
                             if torch.is_tensor(v) and v.dim() >= 1 and v.numel() == p.numel()
                             else _copy(v)) for k, v in st.items()}
         self.optim.load_state_dict({"state": local_state, "param_groups": [
@@ -384,9 +320,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
             for g, local in zip(self.param_groups, self.optim.param_groups)]})
 
 
-def _rows_of(layout: ShardLayout, i: int, grad: torch.Tensor) -> torch.Tensor:
-    N, c, n = layout.world_size, layout.chunks[i], layout.numels[i]
-    return F.pad(grad.reshape(-1), (0, N * c - n)).view(N, c)
+def _not_empty(params, who: str) -> list:
+    params = list(params)
+    if not params:
+        raise ValueError(f"{who} got an empty parameter list: there is nothing to shard or "
+                         "step; pass the model's parameters (model.parameters()), or leave "
+                         "a model without parameters out of the optimizer")
+    return params
+
+
+def _leaf_view(t: torch.Tensor) -> torch.Tensor:
+    # A leaf that shares storage with the parameter: the local optimizer writes the model.
+    return t.detach().requires_grad_(True)
 
 
 def _hyper(group: dict) -> dict:

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 import distlab
+from distlab.data_parallel.ddp import average_gradients
 from distlab.sharding import zero
 
 pytestmark = pytest.mark.timeout(240)
@@ -58,7 +59,7 @@ def train(net, opt, steps, rank=None, world_size=1, average=False, start=0):
         opt.zero_grad()
         loss_of(net, x, y).backward()
         if average:
-            zero.average_gradients(list(net.parameters()))
+            average_gradients(list(net.parameters()))
         opt.step()
 
 
@@ -195,10 +196,49 @@ def test_sharded_optimizer_equals_single_process(results, mode, name):
     assert not results[f"{mode}-{name}"], results[f"{mode}-{name}"]
 
 
-@pytest.mark.parametrize("scenario", ["naive-adam", "state-dict", "accumulate-schedule",
-                                      "communication"])
-def test_scenario(results, scenario):
-    assert not results[scenario], results[scenario]
+def test_stage0_all_reduces_every_gradient_and_equals_single_process(results):
+    assert not results["naive-adam"], results["naive-adam"]
+
+
+def test_consolidated_state_equals_torch_and_resumes_on_fewer_ranks(results):
+    assert not results["state-dict"], results["state-dict"]
+
+
+def test_stage2_accumulates_micro_batches_and_follows_an_lr_scheduler(results):
+    assert not results["accumulate-schedule"], results["accumulate-schedule"]
+
+
+def test_stages_1_and_2_send_what_an_all_reduce_sends(results):
+    assert not results["communication"], results["communication"]
+
+
+def _what_stage0_hands_to_the_backend():
+    """One step of stage 0 where rank 0 uses only branch ``a`` and rank 1 only ``b``,
+    recording every tensor handed to torch.distributed.all_reduce (this process only)."""
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    net = nn.ModuleDict({"a": nn.Linear(3, 2), "b": nn.Linear(3, 2)})
+    opt = zero.NaiveDistributedOptimizer(net.parameters(), torch.optim.SGD, lr=0.1)
+    handed, real = [], dist.all_reduce
+
+    def recording(tensor, *args, **kwargs):
+        handed.append((tensor.numel(), tensor.dtype))
+        return real(tensor, *args, **kwargs)
+
+    dist.all_reduce = recording
+    try:
+        net["ab"[rank]](torch.ones(4, 3)).sum().backward()
+        opt.step()
+    finally:
+        dist.all_reduce = real
+    return handed
+
+
+def test_stage0_hands_every_gradient_to_one_all_reduce():
+    """Measured at the backend, not from the ledger's formula: 16 elements (both branches,
+    the one this rank did not use as zeros) in one float32 all-reduce, on every rank."""
+    for handed in distlab.launch(_what_stage0_hands_to_the_backend, 2, timeout=60):
+        assert handed == [(16, torch.float32)], handed
 
 
 def test_bad_gradient_mode_is_refused():
@@ -206,21 +246,6 @@ def test_bad_gradient_mode_is_refused():
     with pytest.raises(ValueError, match="gradients='bogus'"):
         zero.ShardedOptimizer([nn.Parameter(torch.ones(2))], torch.optim.SGD,
                               gradients="bogus", lr=0.1)
-
-
-def test_layout_round_trip():
-    layout = zero.ShardLayout([(3, 5), (2,), (1,)], world_size=4)
-    tensors = [torch.randn(3, 5), torch.randn(2), torch.randn(1)]
-    rows = layout.pack_rows(tensors)
-    assert rows.shape == (4, 4 + 1 + 1)
-    for a, b in zip(layout.unpack_rows(rows), tensors):
-        torch.testing.assert_close(a, b)
-    into = [torch.zeros_like(t) for t in tensors]
-    layout.unpack_rows_into(rows, into)
-    for a, b in zip(into, tensors):
-        torch.testing.assert_close(a, b)
-    shards = [layout.shard(i, t, 3) for i, t in enumerate(tensors)]
-    assert [s.numel() for s in shards] == [3, 0, 0]      # 15 = 4+4+4+3; tiny ones: empty
 
 
 def test_exercise_checker_accepts_the_solution_and_names_the_missing_all_gather():
@@ -236,3 +261,18 @@ def test_exercise_checker_accepts_the_solution_and_names_the_missing_all_gather(
     verdict = ex.check_sharded_sgd_step(forgot_the_all_gather, world_size=2)
     assert not verdict
     assert "after step 1, rank 0: slice 1" in verdict.message and "all-gather" in verdict.message
+
+
+@pytest.mark.parametrize("world_size", [0, 5, True, 2.0])
+def test_exercise_checker_refuses_a_world_size_that_does_not_divide_the_parameter(world_size):
+    from distlab.exercises import zero as ex
+
+    with pytest.raises(ValueError, match=rf"world_size={world_size!r} .* a divisor of 24"):
+        ex.check_sharded_sgd_step(ex.sharded_sgd_step, world_size=world_size)
+
+
+def test_exercise_checker_says_a_non_function_is_not_a_function():
+    from distlab.exercises import zero as ex
+
+    verdict = ex.check_sharded_sgd_step("my step", world_size=2)
+    assert not verdict and "must be a function" in verdict.message

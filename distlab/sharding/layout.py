@@ -1,0 +1,125 @@
+"""How ZeRO and FSDP cut tensors into shards, and the two collectives that move the shards.
+
+The layout is the one PyTorch's FSDP2 uses: every tensor is flattened, padded to a multiple
+of N and cut into N equal chunks; rank r owns chunk r of *every* tensor. A rank's *row* is
+the concatenation of its chunks, so one collective moves the shards of many tensors:
+
+* :func:`reduce_scatter` sums the ranks' (N, L) rows and hands rank r its row of the sum,
+  (N-1)·alpha + (N-1)/N·n·beta for n = N·L elements: half an all-reduce;
+* :func:`all_gather_rows` hands every rank every rank's row, at the same cost.
+
+A reduce-scatter followed by an all-gather is exactly a ring all-reduce (Patarasuk and Yuan
+2009), which is why ZeRO stages 1 and 2 cost what data parallelism costs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+
+from distlab import comm
+from distlab.checks import is_int
+from distlab.communication.collectives import ring_reduce_scatter
+
+
+class ShardLayout:
+    """Which elements of each tensor a rank owns: chunk r of the tensor flattened and padded.
+
+    A tensor of n elements is padded to N·c elements, c = ceil(n / N), and viewed as (N, c):
+    row r is rank r's chunk. Rank r's *shard* is that chunk without the padding (elements
+    ``bounds(i, r)`` of the flat tensor; it may be shorter than c, or empty). Collectives
+    move whole rows: a rank's row for all tensors is the concatenation of its chunks,
+    ``row_len = sum(c)`` elements.
+
+    Args:
+        shapes: the full shapes of the tensors.
+        world_size: N, the number of ranks that share them (an int >= 1).
+    """
+
+    def __init__(self, shapes, world_size: int):
+        if not (is_int(world_size) and world_size >= 1):
+            raise ValueError(f"ShardLayout world_size={world_size!r} is out of range; "
+                             "allowed an int >= 1")
+        self.shapes = [torch.Size(s) for s in shapes]
+        self.world_size = world_size
+        self.numels = [s.numel() for s in self.shapes]
+        self.chunks = [math.ceil(n / world_size) for n in self.numels]
+        self.offsets = [sum(self.chunks[:i]) for i in range(len(self.chunks))]
+        self.row_len = sum(self.chunks)
+
+    def bounds(self, i: int, rank: int) -> tuple[int, int]:
+        """The range [start, stop) of tensor ``i``'s flat elements that ``rank`` owns."""
+        c, n = self.chunks[i], self.numels[i]
+        return min(rank * c, n), min((rank + 1) * c, n)
+
+    def shard(self, i: int, full: torch.Tensor, rank: int) -> torch.Tensor:
+        """Rank ``rank``'s shard of the full tensor ``full`` (a view, not a copy)."""
+        start, stop = self.bounds(i, rank)
+        return full.reshape(-1)[start:stop]
+
+    def pack_row(self, shards, dtype=None, device=None) -> torch.Tensor:
+        """One rank's shards laid out as its row, zero padded: shape (row_len,).
+
+        The row lives on ``device`` (default: the first shard's), so it can go to NCCL.
+        """
+        row = torch.zeros(self.row_len, dtype=dtype or shards[0].dtype,
+                          device=device or shards[0].device)
+        for o, s in zip(self.offsets, shards):
+            row[o:o + s.numel()] = s
+        return row
+
+    def rows(self, i: int, full: torch.Tensor, dtype=None) -> torch.Tensor:
+        """Tensor ``i`` padded and cut into every rank's chunk: shape (N, c), a fresh copy."""
+        N, c, n = self.world_size, self.chunks[i], self.numels[i]
+        return F.pad(full.reshape(-1).to(dtype or full.dtype), (0, N * c - n)).view(N, c)
+
+    def pack_rows(self, fulls, dtype=None) -> torch.Tensor:
+        """Full tensors laid out as the rows of all ranks: shape (N, row_len), on their device."""
+        return torch.cat([self.rows(i, t, dtype) for i, t in enumerate(fulls)], dim=1)
+
+    def unpack_rows(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """The inverse of :meth:`pack_rows`: (N, row_len) rows back to full tensors."""
+        out = []
+        for o, c, n, shape in zip(self.offsets, self.chunks, self.numels, self.shapes):
+            flat = rows.new_empty(self.world_size * c)
+            flat.view(self.world_size, c).copy_(rows[:, o:o + c])
+            out.append(flat[:n].view(shape))
+        return out
+
+    def unpack_rows_into(self, rows: torch.Tensor, fulls) -> None:
+        """:meth:`unpack_rows` written straight into existing contiguous tensors: one copy."""
+        for o, c, n, t in zip(self.offsets, self.chunks, self.numels, fulls):
+            flat, whole = t.view(-1), n // c if c else 0
+            flat[:whole * c].view(whole, c).copy_(rows[:whole, o:o + c])
+            if n > whole * c:
+                flat[whole * c:].copy_(rows[whole, o:o + n - whole * c])
+
+
+def reduce_scatter(rows: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``rows`` (N, L) over the ranks and return this rank's row of the sum, (L,).
+
+    Gloo has no reduce-scatter, so on gloo this is the ring algorithm of
+    :func:`distlab.communication.collectives.ring_reduce_scatter` (Patarasuk and Yuan 2009):
+    N-1 steps, in each a rank passes one partial sum to its right neighbour and adds the one
+    arriving from its left. Cost (N-1)·alpha + (N-1)/N·n·beta for n = N·L elements, half an
+    all-reduce, and the ledger counts the bytes of those real sends. ``rows`` is
+    overwritten. Other backends use their native reduce-scatter.
+    """
+    if dist.get_world_size(group) == 1:
+        return rows[0]
+    if dist.get_backend(group) != "gloo":
+        out = rows.new_empty(rows.shape[1])
+        comm.reduce_scatter_tensor(out, rows.reshape(-1), group=group)
+        return out
+    # N·L elements split N ways: chunk r is exactly row r.
+    return ring_reduce_scatter(rows.view(-1), group, check=False)
+
+
+def all_gather_rows(row: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's ``row`` (L,), stacked: (N, L). One ring all-gather, (N-1)/N·n bytes."""
+    N = dist.get_world_size(group)
+    out = row.new_empty(N * row.numel())
+    comm.all_gather_into_tensor(out, row.contiguous(), group=group)
+    return out.view(N, -1)

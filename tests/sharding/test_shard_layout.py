@@ -1,0 +1,34 @@
+"""The shard layout ZeRO and FSDP share: rows, shards, padding, and where the rows live."""
+import pytest
+import torch
+
+from distlab.sharding.layout import ShardLayout
+
+
+def test_rows_round_trip_with_sizes_not_divisible_by_the_world_size():
+    layout = ShardLayout([(3, 5), (2,), (1,)], world_size=4)
+    tensors = [torch.randn(3, 5), torch.randn(2), torch.randn(1)]
+    rows = layout.pack_rows(tensors)
+    assert rows.shape == (4, 4 + 1 + 1)
+    for a, b in zip(layout.unpack_rows(rows), tensors):
+        torch.testing.assert_close(a, b)
+    into = [torch.zeros_like(t) for t in tensors]
+    layout.unpack_rows_into(rows, into)
+    for a, b in zip(into, tensors):
+        torch.testing.assert_close(a, b)
+    shards = [layout.shard(i, t, 3) for i, t in enumerate(tensors)]
+    assert [s.numel() for s in shards] == [3, 0, 0]      # 15 = 4+4+4+3; tiny ones: empty
+
+
+def test_packed_rows_live_on_the_shards_device():
+    # "meta" stands for a GPU here: a row made on the CPU could not be handed to NCCL.
+    layout = ShardLayout([(3, 5), (2,)], world_size=2)
+    shards = [torch.empty(8, device="meta"), torch.empty(1, device="meta")]
+    assert layout.pack_row(shards).device.type == "meta"
+    assert layout.rows(0, torch.empty(3, 5, device="meta")).device.type == "meta"
+
+
+@pytest.mark.parametrize("world_size", [0, -1, 2.0, True])
+def test_world_size_is_validated(world_size):
+    with pytest.raises(ValueError, match=rf"world_size={world_size!r} .* an int >= 1"):
+        ShardLayout([(3,)], world_size)
