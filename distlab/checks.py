@@ -1,10 +1,13 @@
-"""The checks every configuration dataclass runs in its ``__post_init__``.
+"""The one way distlab refuses bad input: before any process starts, naming what is wrong.
 
-Each algorithm's settings are a frozen dataclass that refuses bad input before any process
-starts, with an error that names the class, the field, the bad value and what is allowed::
+Each algorithm's settings are a frozen dataclass that checks itself in ``__post_init__``
+with :func:`require`, and every public function that takes numbers checks them with
+:func:`require_arg`; both name the setting, the bad value and what is allowed::
 
     require(self, "lr", is_number(self.lr) and self.lr > 0, "a number > 0")
     # ValueError: SyncSGDConfig.lr=-1.0 is out of range; allowed a number > 0
+    require_arg("world_size", world_size, is_int(world_size) and world_size >= 1, "an int >= 1")
+    # ValueError: world_size=0 is out of range; allowed an int >= 1
 """
 from __future__ import annotations
 
@@ -24,5 +27,10 @@ def is_number(v) -> bool:
 def require(config, name: str, ok: bool, allowed) -> None:
     """Unless ``ok``, raise ValueError naming ``config.name``, its value and ``allowed``."""
     if not ok:
-        raise ValueError(f"{type(config).__name__}.{name}={getattr(config, name)!r} is out of "
-                         f"range; allowed {allowed}")
+        require_arg(f"{type(config).__name__}.{name}", getattr(config, name), False, allowed)
+
+
+def require_arg(name: str, value, ok: bool, allowed) -> None:
+    """Unless ``ok``, raise ValueError naming the argument ``name``, its value and ``allowed``."""
+    if not ok:
+        raise ValueError(f"{name}={value!r} is out of range; allowed {allowed}")

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from distlab import comm
-from distlab.checks import is_int, is_number, require
+from distlab.checks import is_int, is_number, require, require_arg
 from distlab.launcher import start as _start
 from distlab.metrics import report
 from distlab.problems import data
@@ -177,11 +177,10 @@ def problem(config: HogwildConfig):
 
 def example_order(config: HogwildConfig, worker: int, n: int) -> torch.Tensor:
     """The examples worker ``worker`` visits, in order: seeded draws from its own shard."""
-    if not (is_int(worker) and 0 <= worker < config.num_workers):
-        raise ValueError(f"worker={worker!r} is out of range; allowed 0..{config.num_workers - 1}")
-    if not (is_int(n) and n >= config.num_workers):
-        raise ValueError(f"n={n!r} is out of range; allowed an int >= num_workers="
-                         f"{config.num_workers} (each worker needs an example)")
+    require_arg("worker", worker, is_int(worker) and 0 <= worker < config.num_workers,
+                f"0..{config.num_workers - 1}")
+    require_arg("n", n, is_int(n) and n >= config.num_workers,
+                f"an int >= num_workers={config.num_workers} (each worker needs an example)")
     shard = data.shard_indices(n, worker, config.num_workers, seed=config.seed)
     g = torch.Generator().manual_seed(config.seed * 7919 + worker)
     return shard[torch.randint(len(shard), (config.num_steps,), generator=g)]

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from distlab.checks import is_int, is_number, require
+from distlab.checks import is_int, is_number, require, require_arg
 from distlab.problems import data
 from distlab.problems.convex import PROBLEMS
 
@@ -143,11 +143,10 @@ def may_proceed(clock: int, clocks: list[int], staleness: int | None) -> bool:
 
 def max_delay(staleness: int | None, num_workers: int) -> float:
     """The largest update delay tau that SSP(s) allows: ``(2s+1)(W-1)``; 0 for BSP."""
-    if not (staleness is None or (is_int(staleness) and staleness >= 0)):
-        raise ValueError(f"staleness={staleness!r} is out of range; allowed an int >= 0 "
-                         "or None")
-    if not (is_int(num_workers) and num_workers >= 1):
-        raise ValueError(f"num_workers={num_workers!r} is out of range; allowed an int >= 1")
+    require_arg("staleness", staleness, staleness is None or (is_int(staleness) and staleness >= 0),
+                "an int >= 0 or None")
+    require_arg("num_workers", num_workers, is_int(num_workers) and num_workers >= 1,
+                "an int >= 1")
     if staleness is None:
         return math.inf
     return 0 if staleness == 0 else (2 * staleness + 1) * (num_workers - 1)
@@ -156,10 +155,9 @@ def max_delay(staleness: int | None, num_workers: int) -> float:
 
 def worker_batch(config: ParameterServerConfig, ds, worker: int, clock: int) -> torch.Tensor:
     """Row indices of ``worker``'s minibatch at ``clock``: seeded, from its own shard."""
-    if not (is_int(worker) and 0 <= worker < config.num_workers):
-        raise ValueError(f"worker={worker!r} is out of range; allowed 0..{config.num_workers - 1}")
-    if not (is_int(clock) and clock >= 0):
-        raise ValueError(f"clock={clock!r} is out of range; allowed an int >= 0")
+    require_arg("worker", worker, is_int(worker) and 0 <= worker < config.num_workers,
+                f"0..{config.num_workers - 1}")
+    require_arg("clock", clock, is_int(clock) and clock >= 0, "an int >= 0")
     shard = data.shard_indices(len(ds.y), worker, config.num_workers, seed=config.seed)
     if config.batch_size is None:
         return shard
@@ -169,11 +167,9 @@ def worker_batch(config: ParameterServerConfig, ds, worker: int, clock: int) -> 
 
 def shard_bounds(num_params: int, num_servers: int) -> list[tuple[int, int]]:
     """``[(start, stop)]`` of each server's slice of the flat parameter vector."""
-    if not (is_int(num_params) and num_params >= 1):
-        raise ValueError(f"num_params={num_params!r} is out of range; allowed an int >= 1")
-    if not (is_int(num_servers) and 1 <= num_servers <= num_params):
-        raise ValueError(f"num_servers={num_servers!r} is out of range; allowed "
-                         f"1..num_params={num_params}")
+    require_arg("num_params", num_params, is_int(num_params) and num_params >= 1, "an int >= 1")
+    require_arg("num_servers", num_servers, is_int(num_servers) and 1 <= num_servers <= num_params,
+                f"1..num_params={num_params}")
     sizes = [len(c) for c in torch.arange(num_params).tensor_split(num_servers)]
     starts = [sum(sizes[:i]) for i in range(num_servers)]
     return [(a, a + n) for a, n in zip(starts, sizes)]

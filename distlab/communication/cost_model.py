@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from distlab import comm
-from distlab.checks import is_int, is_number, require
+from distlab.checks import is_int, is_number, require, require_arg
 from distlab.communication import alpha_beta
 from distlab.communication.collectives import ALL_REDUCES
 from distlab.communication.netsim import Network
@@ -150,15 +150,14 @@ def measure(world_sizes=(2, 4), sizes=(4 * KIB, 64 * KIB, 1 * MIB),
     unknown = [a for a in algorithms if a not in ALL_REDUCES]
     if unknown:
         raise ValueError(f"algorithms {unknown} are unknown; allowed {list(ALL_REDUCES)}")
-    if not (is_int(repeats) and 1 <= repeats <= 1000):
-        raise ValueError(f"repeats={repeats!r} is out of range; allowed 1..1000")
+    require_arg("repeats", repeats, is_int(repeats) and 1 <= repeats <= 1000, "1..1000")
     if any(not (is_int(n) and 4 <= n <= 1 << 30) for n in sizes):
         raise ValueError(f"sizes={sizes!r}: each must be an int number of bytes, 4 to 1 GiB")
     if not world_sizes or any(not (is_int(p) and 1 <= p <= MAX_WORLD_SIZE) for p in world_sizes):
         raise ValueError(f"world_sizes={world_sizes!r}: each must be an int, 1 to "
                          f"{MAX_WORLD_SIZE}")
-    if not (timeout is None or (is_number(timeout) and timeout > 0)):
-        raise ValueError(f"timeout={timeout!r} is out of range; allowed seconds > 0 or None")
+    require_arg("timeout", timeout, timeout is None or (is_number(timeout) and timeout > 0),
+                "seconds > 0 or None")
     rows = []
     for p in world_sizes:
         rows += launch(_measure_worker, p, list(algorithms), list(sizes), repeats, network,

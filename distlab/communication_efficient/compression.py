@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from distlab import comm
-from distlab.checks import is_int, is_number, require
+from distlab.checks import is_int, is_number, require, require_arg
 from distlab.communication import alpha_beta
 
 METHODS = ("none", "topk", "randomk", "sign", "fp16", "bf16")
@@ -209,10 +209,8 @@ def make_compressor(method: str, ratio: float = 0.01, seed: int = 0) -> Compress
     ``seed`` (0..2^31) are used by top-k and random-k, and checked whatever the method."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not a compressor; allowed {METHODS}")
-    if not (is_number(ratio) and 0 < ratio <= 1):
-        raise ValueError(f"ratio={ratio!r} is out of range; allowed (0, 1]")
-    if not (is_int(seed) and 0 <= seed <= 2 ** 31):
-        raise ValueError(f"seed={seed!r} is out of range; allowed integers 0..2^31")
+    require_arg("ratio", ratio, is_number(ratio) and 0 < ratio <= 1, "(0, 1]")
+    require_arg("seed", seed, is_int(seed) and 0 <= seed <= 2 ** 31, "integers 0..2^31")
     return {"none": Compressor, "topk": lambda: TopK(ratio),
             "randomk": lambda: RandomK(ratio, seed), "sign": Sign,
             "fp16": lambda: LowPrecision(torch.float16),
@@ -268,10 +266,8 @@ def bytes_sent_per_call(compressor: Compressor, numel: int, world_size: int) -> 
     """
     if not isinstance(compressor, Compressor):
         raise ValueError(f"compressor={compressor!r} is out of range; allowed a Compressor")
-    if not (is_int(numel) and numel >= 1):
-        raise ValueError(f"numel={numel!r} is out of range; allowed integers >= 1")
-    if not (is_int(world_size) and world_size >= 1):
-        raise ValueError(f"world_size={world_size!r} is out of range; allowed integers >= 1")
+    require_arg("numel", numel, is_int(numel) and numel >= 1, "integers >= 1")
+    require_arg("world_size", world_size, is_int(world_size) and world_size >= 1, "integers >= 1")
     b, p = compressor.payload_bytes(numel), world_size
     if compressor.summable:
         return alpha_beta.ring_all_reduce_bytes(b, p)

@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distlab import comm, launcher
-from distlab.checks import is_int, is_number, require
+from distlab.checks import is_int, is_number, require, require_arg
 from distlab.communication import alpha_beta
 from distlab.communication_efficient.compression import (METHODS, all_reduce_compressed,
                                                          make_compressor)
@@ -258,8 +258,7 @@ def split(data, shards: str, count: int, classes: int, seed: int) -> list[torch.
 def sample_batches(shard: torch.Tensor, batch_size: int, seed: int):
     """Minibatches of ``shard`` drawn with replacement, reproducibly from ``seed`` (drawn on
     the CPU, so every device draws the same)."""
-    if not (is_int(batch_size) and batch_size >= 1):
-        raise ValueError(f"batch_size={batch_size!r} is out of range; allowed integers >= 1")
+    require_arg("batch_size", batch_size, is_int(batch_size) and batch_size >= 1, "integers >= 1")
     if not len(shard):
         raise ValueError("shard is empty: there is nothing to draw minibatches from")
     g = torch.Generator().manual_seed(seed)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from distlab.checks import is_int, is_number
+from distlab.checks import is_int, is_number, require_arg
 from distlab.communication_efficient.compression import Compressor, Sign, all_reduce_compressed
 from distlab.data_parallel.ddp import average_gradients
 
@@ -210,4 +210,4 @@ def _check_hyperparameters(owner: str, lr, betas, eps) -> None:
 def _check(owner: str, name: str, value, ok: bool, allowed: str) -> None:
     """Unless ``ok``, raise ValueError naming ``owner.name``, its value and ``allowed``."""
     if not ok:
-        raise ValueError(f"{owner}.{name}={value!r} is out of range; allowed {allowed}")
+        require_arg(f"{owner}.{name}", value, False, allowed)

@@ -12,7 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from distlab import launcher
-from distlab.checks import is_number
+from distlab.checks import is_number, require_arg
 from distlab.communication_efficient import fedavg, local_sgd
 from distlab.ui.figures import axis_title as _axis_title
 
@@ -52,8 +52,8 @@ def compare(configs: dict, timeout: float = 600) -> pd.DataFrame:
 def bytes_to_reach(df: pd.DataFrame, target_loss: float) -> dict:
     """``{run: bytes_sent per rank when rank 0's loss first reached target_loss}`` (inf if
     never)."""
-    if not (is_number(target_loss) and target_loss > 0):
-        raise ValueError(f"target_loss={target_loss!r} is out of range; allowed a loss > 0")
+    require_arg("target_loss", target_loss, is_number(target_loss) and target_loss > 0,
+                "a loss > 0")
     out = {}
     for run, d in df[(df["rank"] == 0) & df["loss"].notna()].groupby("run", sort=False):
         hit = d[d["loss"] <= target_loss].sort_values("step")

@@ -27,7 +27,7 @@ import tempfile
 import pandas as pd
 import plotly.graph_objects as go
 
-from distlab.checks import is_int, is_number
+from distlab.checks import is_int, is_number, require_arg
 from distlab.fault_tolerance import elastic
 from distlab.fault_tolerance.elastic import ElasticConfig, TrainConfig
 from distlab.fault_tolerance.faults import Fault
@@ -50,8 +50,8 @@ def parameter_server_config(fault: Fault, num_workers: int = 3, **kwargs):
     if fault.kind == "delay":
         raise ValueError("a delay on the parameter server is a straggler: use "
                          "ParameterServerConfig(slowdown=...) instead")
-    _check("num_workers", num_workers, is_int(num_workers) and num_workers >= 1, "an int >= 1")
-    _check("fault.rank", fault.rank, 1 <= fault.rank <= num_workers,
+    require_arg("num_workers", num_workers, is_int(num_workers) and num_workers >= 1, "an int >= 1")
+    require_arg("fault.rank", fault.rank, 1 <= fault.rank <= num_workers,
            f"a worker rank, 1..{num_workers} (rank 0 is the server)")
     return ParameterServerConfig(num_workers=num_workers, drop_worker=fault.rank - 1,
                                  drop_at=max(1, fault.step), **kwargs)
@@ -70,7 +70,7 @@ def start_demo(algorithm: str = "sync + elastic", fault_kind: str = "kill", fail
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm={algorithm!r} is not allowed; use one of {ALGORITHMS}")
     _check_world_size(world_size)
-    _check("fail_rank", fail_rank, is_int(fail_rank) and 0 <= fail_rank < world_size,
+    require_arg("fail_rank", fail_rank, is_int(fail_rank) and 0 <= fail_rank < world_size,
            f"an int in 0..{world_size - 1}")
     fault = Fault(fault_kind, rank=fail_rank, step=fail_step, seconds=2.0)
     if algorithm == "parameter server":
@@ -122,9 +122,9 @@ def timeline_figure(run, title: str = "loss against wall time, through a failure
 
 def young_interval(checkpoint_cost: float, mtbf: float) -> float:
     """Young's optimal checkpoint interval, ``sqrt(2 C M)``, in the units of its arguments."""
-    _check("checkpoint_cost", checkpoint_cost, is_number(checkpoint_cost) and checkpoint_cost >= 0,
+    require_arg("checkpoint_cost", checkpoint_cost, is_number(checkpoint_cost) and checkpoint_cost >= 0,
            "a number >= 0")
-    _check("mtbf", mtbf, is_number(mtbf) and mtbf > 0, "a number > 0")
+    require_arg("mtbf", mtbf, is_number(mtbf) and mtbf > 0, "a number > 0")
     return math.sqrt(2 * checkpoint_cost * mtbf)
 
 
@@ -136,8 +136,8 @@ def lost_work_sweep(intervals=(2, 5, 10, 20), num_steps: int = 40, world_size: i
     run, seeded), restarts on the survivors and finishes. Per run: the time spent writing
     checkpoints, the steps redone and their time (lost work), and the downtime.
     """
-    _check("num_steps", num_steps, is_int(num_steps) and num_steps >= 2, "an int >= 2")
-    _check("intervals", intervals, len(intervals) > 0 and all(
+    require_arg("num_steps", num_steps, is_int(num_steps) and num_steps >= 2, "an int >= 2")
+    require_arg("intervals", intervals, len(intervals) > 0 and all(
         is_int(i) and 1 <= i <= num_steps for i in intervals), f"ints in 1..{num_steps}")
     _check_world_size(world_size)
     TrainConfig("", checkpoint_every=0, step_time=step_time, seed=seed)  # checks those two
@@ -192,22 +192,18 @@ def lost_work_figure(sweep: pd.DataFrame, num_steps: int) -> go.Figure:
 def expected_waste(interval: float, num_steps: int, checkpoint_cost: float,
                    step_time: float) -> float:
     """Young's model of the wasted seconds for one failure per job: ``(N/τ)·C + (τ/2)·t``."""
-    _check("interval", interval, is_number(interval) and interval > 0, "a number > 0")
+    require_arg("interval", interval, is_number(interval) and interval > 0, "a number > 0")
     for name, value in (("num_steps", num_steps), ("checkpoint_cost", checkpoint_cost),
                         ("step_time", step_time)):
-        _check(name, value, is_number(value) and value >= 0, "a number >= 0")
+        require_arg(name, value, is_number(value) and value >= 0, "a number >= 0")
     return num_steps / interval * checkpoint_cost + interval / 2 * step_time
 
 
 def _check_world_size(world_size) -> None:
-    _check("world_size", world_size, is_int(world_size) and 2 <= world_size <= MAX_WORLD_SIZE,
+    require_arg("world_size", world_size, is_int(world_size) and 2 <= world_size <= MAX_WORLD_SIZE,
            f"an int in 2..{MAX_WORLD_SIZE} (one rank fails, one at least survives)")
 
 
-def _check(name: str, value, ok: bool, allowed: str) -> None:
-    """Unless ``ok``, refuse the argument ``name``, naming its value and what is allowed."""
-    if not ok:
-        raise ValueError(f"{name}={value!r} is out of range; allowed {allowed}")
 
 
 __all__ = ["ALGORITHMS", "start_demo", "timeline_figure", "young_interval", "lost_work_sweep",

@@ -39,7 +39,7 @@ from torch import nn
 from distlab import comm
 from distlab.problems import data, models
 from distlab.data_parallel import ddp as dp
-from distlab.checks import is_int, is_number, require
+from distlab.checks import is_int, is_number, require, require_arg
 from distlab import launcher
 from distlab.launcher import MAX_WORLD_SIZE, Run, device
 from distlab.metrics import report
@@ -245,7 +245,7 @@ def build_task(task: str, seed: int = 0, dataset: data.Dataset | None = None) ->
     Every rank builds the same thing. Pass ``dataset`` (from :func:`load_dataset`) when the
     caller has it already.
     """
-    _require_arg("seed", seed, is_int(seed), "an int")
+    require_arg("seed", seed, is_int(seed), "an int")
     ds = dataset if dataset is not None else load_dataset(task)
     if task == "linear":
         return Task(models.linear(ds.num_features, seed=seed), ds, F.mse_loss)
@@ -261,7 +261,7 @@ def lr_at(config: SyncSGDConfig, step: int) -> float:
     k", here k = ``world_size``), reached by gradual warmup (section 2.2): from ``lr`` at
     step 0, up by a constant amount each step, to ``k * lr`` at ``warmup_steps``.
     """
-    _require_arg("step", step, is_int(step) and step >= 0, "an int >= 0")
+    require_arg("step", step, is_int(step) and step >= 0, "an int >= 0")
     if not config.lr_scaling:
         return config.lr
     k = config.world_size
@@ -277,11 +277,11 @@ def batch_indices(config: SyncSGDConfig, rank: int, step: int, n: int) -> torch.
     always ``world_size * batch_size``), reshuffled from ``seed + epoch``; a rank walks its
     shard in batches, dropping the last partial one.
     """
-    _require_arg("rank", rank, is_int(rank) and 0 <= rank < config.world_size,
+    require_arg("rank", rank, is_int(rank) and 0 <= rank < config.world_size,
                  f"an int in 0..{config.world_size - 1}")
-    _require_arg("step", step, is_int(step) and step >= 0, "an int >= 0")
+    require_arg("step", step, is_int(step) and step >= 0, "an int >= 0")
     least = config.world_size * config.batch_size
-    _require_arg("n", n, is_int(n) and n >= least,
+    require_arg("n", n, is_int(n) and n >= least,
                  f"an int >= {least} (one batch of {config.batch_size} for each rank)")
     per_epoch = (n // config.world_size) // config.batch_size
     epoch, i = divmod(step, per_epoch)
@@ -311,9 +311,3 @@ def _set_lr(opt: torch.optim.Optimizer, config: SyncSGDConfig, step: int) -> flo
     for g in opt.param_groups:
         g["lr"] = lr
     return lr
-
-
-def _require_arg(name: str, value, ok: bool, allowed: str) -> None:
-    """Unless ``ok``, raise ValueError naming the argument, its value and what is allowed."""
-    if not ok:
-        raise ValueError(f"{name}={value!r} is out of range; allowed {allowed}")

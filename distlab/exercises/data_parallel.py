@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distlab.checks import is_int
+from distlab.checks import is_int, require_arg
 from distlab.launcher import MAX_WORLD_SIZE, WorkerError, launch
 from distlab.exercises import Verdict, register
 
@@ -89,9 +89,8 @@ def check_average_gradients(student_fn: Callable, world_size: int = 3) -> Verdic
     Each rank computes the gradient of its own shard's mean loss; afterwards every
     trainable parameter's ``.grad`` must be the average over the ranks, on every rank.
     """
-    if not (is_int(world_size) and 1 <= world_size <= MAX_WORLD_SIZE):
-        raise ValueError(f"world_size={world_size!r} is out of range; allowed an int in "
-                         f"1..{MAX_WORLD_SIZE}")
+    require_arg("world_size", world_size, is_int(world_size) and 1 <= world_size <= MAX_WORLD_SIZE,
+                f"an int in 1..{MAX_WORLD_SIZE}")
     if not callable(student_fn):
         return Verdict(False, f"average_gradients must be a function, "
                               f"got {type(student_fn).__name__}")

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from distlab.checks import is_int
+from distlab.checks import is_int, require_arg
 from distlab.exercises import Verdict, launch_student, register
 
 IN_FEATURES, OUT_FEATURES = 12, 5
@@ -62,9 +62,8 @@ def check_row_parallel_forward(student_fn: Callable, world_size: int = 2) -> Ver
     The input has 12 features split evenly over the ranks (``world_size`` 2, 3, 4 or 6);
     every rank must return the full (4, 5) output ``X W^T + b``.
     """
-    if not (is_int(world_size) and world_size in (2, 3, 4, 6)):
-        raise ValueError(f"world_size={world_size!r} is out of range; allowed 2, 3, 4 or 6 "
-                         f"(it must divide the {IN_FEATURES} input features)")
+    require_arg("world_size", world_size, is_int(world_size) and world_size in (2, 3, 4, 6),
+                f"2, 3, 4 or 6 (it must divide the {IN_FEATURES} input features)")
     results, verdict = launch_student(
         "row_parallel_forward", student_fn, _run_student, world_size, student_fn,
         hang_hint="every rank must make the same collective calls in the same order")

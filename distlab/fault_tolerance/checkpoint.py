@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from distlab import comm
-from distlab.checks import is_int
+from distlab.checks import is_int, require_arg
 
 _NAME = re.compile(r"^step_(\d{8})(\.old)?$")   # step_N, or step_N.old (set aside)
 
@@ -143,8 +143,7 @@ class Checkpoint:
 
 def path_for(directory: str, step: int) -> str:
     """The folder of the checkpoint of ``step`` inside ``directory``."""
-    if not (is_int(step) and 0 <= step < 10 ** 8):
-        raise ValueError(f"step={step!r} is out of range; allowed an int in 0..99999999")
+    require_arg("step", step, is_int(step) and 0 <= step < 10 ** 8, "an int in 0..99999999")
     return os.path.join(directory, f"step_{step:08d}")
 
 
@@ -167,8 +166,7 @@ def save(directory: str, step: int, state: dict, rank_state: dict | None = None,
         The committed folder.
     """
     final = path_for(directory, step)    # checks step
-    if not (is_int(keep) and keep >= 1):
-        raise ValueError(f"keep={keep!r} is out of range; allowed an int >= 1")
+    require_arg("keep", keep, is_int(keep) and keep >= 1, "an int >= 1")
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank(group) if distributed else 0
     world_size = dist.get_world_size(group) if distributed else 1
@@ -236,8 +234,7 @@ def latest(directory: str) -> str | None:
 
 def load(path: str, rank: int = 0) -> Checkpoint:
     """Load the checkpoint folder ``path`` as ``rank`` sees it."""
-    if not (is_int(rank) and rank >= 0):
-        raise ValueError(f"rank={rank!r} is out of range; allowed an int >= 0")
+    require_arg("rank", rank, is_int(rank) and rank >= 0, "an int >= 0")
     meta = read(os.path.join(path, "state.pt"))
     rank_file = os.path.join(path, f"rank_{rank:04d}.pt")
     rank_state = read(rank_file) if os.path.exists(rank_file) else None

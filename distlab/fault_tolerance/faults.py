@@ -30,7 +30,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-from distlab.checks import is_int, is_number, require
+from distlab.checks import is_int, is_number, require, require_arg
 
 KINDS = ("kill", "raise", "hang", "delay")
 WHERE = ("step", "save")
@@ -84,8 +84,8 @@ class Fault:
 
 def fail(kind: str, seconds: float = 2.0, message: str = "injected fault") -> None:
     """Make this process fail in the way ``kind`` describes (see the module's table)."""
-    if not (is_number(seconds) and 0 <= seconds <= 3600):
-        raise ValueError(f"seconds={seconds!r} is out of range; allowed a number in [0, 3600]")
+    require_arg("seconds", seconds, is_number(seconds) and 0 <= seconds <= 3600,
+                "a number in [0, 3600]")
     if kind == "kill":
         # Flush first so the log shows how far the rank got; then die without cleanup.
         import sys

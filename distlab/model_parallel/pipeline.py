@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distlab import comm
-from distlab.checks import is_int, is_number, require
+from distlab.checks import is_int, is_number, require, require_arg
 from distlab.launcher import device
 from distlab.metrics import report
 from distlab.model_parallel.timeline import ActivationMeter, Timeline
@@ -187,7 +187,7 @@ def _require_ints(low: int = 1, high: int | None = None, **values) -> None:
     for name, v in values.items():
         if not (is_int(v) and v >= low and (high is None or v <= high)):
             allowed = f"an int >= {low}" if high is None else f"an int in {low}..{high}"
-            raise ValueError(f"{name}={v!r} is out of range; allowed {allowed}")
+            require_arg(name, v, False, allowed)
 
 
 class PipelineStage:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distlab import comm
-from distlab.checks import is_int, require
+from distlab.checks import is_int, require, require_arg
 from distlab.problems.transformer import attend
 
 
@@ -150,8 +150,7 @@ def row_shard(t: torch.Tensor, rank: int, degree: int) -> torch.Tensor:
 def _check_shard(rank: int, degree: int, parts: int = 1) -> None:
     if not (is_int(degree) and degree >= 1 and is_int(parts) and parts >= 1):
         raise ValueError(f"degree={degree!r}, parts={parts!r}: allowed ints >= 1")
-    if not (is_int(rank) and 0 <= rank < degree):
-        raise ValueError(f"rank={rank!r} is out of range; allowed an int in 0..{degree - 1}")
+    require_arg("rank", rank, is_int(rank) and 0 <= rank < degree, f"an int in 0..{degree - 1}")
 
 
 def _parameter(t: torch.Tensor) -> nn.Parameter:

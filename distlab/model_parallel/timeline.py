@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
-from distlab.checks import is_int
+from distlab.checks import is_int, require_arg
 
 
 class Timeline:
@@ -81,7 +81,6 @@ def measured_bubble(results: list[dict], step: int = -1) -> float:
 
 def step_index(step: int, num_steps: int) -> int:
     """``step`` (from 0, or back from -1 like a list index) as an index in 0..num_steps-1."""
-    if not (is_int(step) and -num_steps <= step < num_steps):
-        raise ValueError(f"step={step!r} is out of range; allowed an int in "
-                         f"{-num_steps}..{num_steps - 1} (the run recorded {num_steps} steps)")
+    require_arg("step", step, is_int(step) and -num_steps <= step < num_steps,
+                f"an int in {-num_steps}..{num_steps - 1} (the run recorded {num_steps} steps)")
     return step % num_steps

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import clip_grad_norm_, parameters_to_vector, vector_to_parameters
 
-from distlab.checks import is_int, is_number
+from distlab.checks import is_int, is_number, require_arg
 from distlab.problems import data, models
 
 PROBLEMS = ("linear_regression", "digits")
@@ -70,10 +70,10 @@ def loss_at(model, loss_fn, X, y, flat: torch.Tensor) -> float:
 
 def sparse_logistic(num_features: int = 2000, nnz: int = 10, seed: int = 0):
     """Hogwild!'s dataset, and per example the indices of its non-zero features ``(N, nnz)``."""
-    if not (is_int(num_features) and num_features >= 2):
-        raise ValueError(f"num_features={num_features!r} is out of range; allowed an int >= 2")
-    if not (is_int(nnz) and 1 <= nnz <= num_features):
-        raise ValueError(f"nnz={nnz!r} is out of range; allowed 1..num_features={num_features}")
+    require_arg("num_features", num_features, is_int(num_features) and num_features >= 2,
+                "an int >= 2")
+    require_arg("nnz", nnz, is_int(nnz) and 1 <= nnz <= num_features,
+                f"1..num_features={num_features}")
     if not is_int(seed):
         raise ValueError(f"seed={seed!r} is out of range; allowed an int")
     ds = data.sparse_classification(d=num_features, nnz=nnz, seed=seed)
