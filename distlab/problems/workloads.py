@@ -1,14 +1,18 @@
-"""The two small real models that lab 05 trains through every kind of parallelism.
+"""What the course trains: one :class:`Workload` that every algorithm's config composes.
 
-* ``"mlp"``: the ReLU MLP classifier of the data-parallel lab (:func:`distlab.problems.models.mlp`)
-  on the digits (:func:`distlab.problems.data.digits`);
+* ``"linear"``: least-squares linear regression (:func:`distlab.problems.models.linear`) on a
+  synthetic problem with a known answer (:func:`distlab.problems.data.linear_regression`);
+* ``"mlp"``: the ReLU MLP classifier (:func:`distlab.problems.models.mlp`) on the digits
+  (:func:`distlab.problems.data.digits`);
 * ``"transformer"``: :class:`distlab.problems.transformer.TinyTransformer` learning the next
   character of the text that ships with distlab.
 
-A :class:`Workload` fixes the model, the batches and the optimizer, seeded, so every rank
-builds the same model and draws the same batches without communicating, and
-:func:`train_reference` gives the single-process loss curve that tensor-, pipeline- and
-data-parallel training must reproduce.
+A :class:`Workload` fixes the model, the data, the loss, the batches and the optimizer,
+seeded, so every rank builds the same model and draws the same batches without
+communicating, and :func:`train_reference` gives the single-process loss curve that
+tensor-, pipeline- and data-parallel training must reproduce. An algorithm's config holds a
+``workload`` field instead of re-declaring ``lr``, ``seed``, ``num_steps``, ``batch_size``
+or ``hidden``; how it splits the batches over ranks (or clients) is the algorithm's own.
 """
 from __future__ import annotations
 
@@ -21,16 +25,16 @@ from torch import nn
 
 from distlab.checks import is_int, is_number, require
 
-MODELS = ("mlp", "transformer")
+MODELS = ("linear", "mlp", "transformer")
 
 
 @dataclass(frozen=True)
 class Workload:
     """What to train, on what, for how long."""
     model: str = "mlp"
-    """``"mlp"`` (digits) or ``"transformer"`` (characters of the shipped text)."""
+    """``"linear"`` (regression), ``"mlp"`` (digits) or ``"transformer"`` (the shipped text)."""
     hidden: int = 64
-    """MLP hidden width, or the transformer's d_model."""
+    """MLP hidden width, or the transformer's d_model (unused by ``"linear"``)."""
     depth: int = 2
     """MLP hidden layers, or transformer blocks."""
     num_heads: int = 4
@@ -60,8 +64,11 @@ class Workload:
                     "hidden/num_heads dims)")
         require(self, "lr", is_number(self.lr) and self.lr > 0, "a number > 0")
 
-    def build_model(self) -> nn.Sequential:
+    def build_model(self) -> nn.Module:
         """The full, unsplit model (the same weights on every rank, from ``seed``)."""
+        if self.model == "linear":
+            from distlab.problems.models import linear
+            return linear(self.loaded().dataset.num_features, seed=self.seed)
         if self.model == "mlp":
             from distlab.problems.models import mlp
             return mlp(64, self.hidden, 10, self.depth, seed=self.seed)
@@ -76,6 +83,9 @@ class Workload:
         """
         if self.dataset is not None:
             return self
+        if self.model == "linear":
+            from distlab.problems.data import linear_regression
+            return replace(self, dataset=linear_regression(seed=self.seed))
         if self.model == "mlp":
             from distlab.problems.data import digits
             return replace(self, dataset=digits(seed=self.seed))
@@ -86,7 +96,7 @@ class Workload:
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The global batch ``(X, y)`` of every step, in order."""
         data = self.loaded().dataset
-        if self.model == "mlp":
+        if self.model in ("linear", "mlp"):
             g = torch.Generator().manual_seed(self.seed + 1)
             for _ in range(self.num_steps):
                 idx = torch.randint(len(data.y), (self.batch_size,), generator=g)
@@ -97,7 +107,10 @@ class Workload:
                 yield get_batch(data, self.batch_size, self.block_size, self.seed + 1 + step)
 
     def loss(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy (over examples, or over characters)."""
+        """Mean squared error (``"linear"``), or mean cross-entropy (over examples, or over
+        characters)."""
+        if self.model == "linear":
+            return F.mse_loss(output, y)
         return F.cross_entropy(output.reshape(-1, output.shape[-1]), y.reshape(-1))
 
     def optimizer(self, params) -> torch.optim.Optimizer:

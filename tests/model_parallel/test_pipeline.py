@@ -48,8 +48,7 @@ def check_pipeline(workloads):
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_pipeline_matches_unsplit_model(world_size):
-    # Loaded here, not at import: the workers import this module to find check_pipeline,
-    # and loading the digits there would import scikit-learn in every one (seconds).
+    # Loaded here, once, and sent to the workers with the workloads.
     # At 4 ranks, a depth-2 MLP (5 layers: 2, 1, 1, 1) gives stage 2 a ReLU alone.
     workloads = [w.loaded() for w in ([MLP, LM] if world_size == 2
                                       else [MLP, replace(MLP, depth=2)])]

@@ -1,0 +1,40 @@
+"""distlab.problems.workloads: every kind of workload trains, the same from the same seed."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distlab.problems.data import linear_regression
+from distlab.problems.models import linear
+from distlab.problems.workloads import MODELS, Workload, train_reference
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_reference_training_lowers_the_loss_and_repeats_exactly(model):
+    w = Workload(model=model, hidden=16, depth=1, num_heads=2, num_steps=8, lr=0.1)
+    first = train_reference(w)
+    assert first == train_reference(w) and first[-1] < first[0]
+
+
+def test_linear_workload_is_sgd_on_least_squares_by_hand():
+    w = Workload(model="linear", batch_size=32, num_steps=3, lr=0.1, seed=3)
+    data = linear_regression(seed=3)
+    model = linear(data.num_features, seed=3)
+    g = torch.Generator().manual_seed(4)
+    want = []
+    for _ in range(3):
+        idx = torch.randint(len(data.y), (32,), generator=g)
+        loss = F.mse_loss(model(data.X[idx]), data.y[idx])
+        want.append(loss.item())
+        model.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+    torch.testing.assert_close(torch.tensor(train_reference(w)), torch.tensor(want))
+
+
+@pytest.mark.parametrize("field, value", [("model", "cnn"), ("lr", 0), ("batch_size", 0),
+                                          ("num_steps", True), ("hidden", 1.5)])
+def test_bad_workloads_are_refused_by_name(field, value):
+    with pytest.raises(ValueError, match=f"Workload.{field}="):
+        Workload(**{field: value})
