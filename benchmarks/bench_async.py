@@ -21,6 +21,7 @@ import argparse
 import math
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -29,18 +30,20 @@ from report import fmt_ratio, interleaved, load, pair_ratios, spread, write
 import distlab
 from distlab.asynchronous import parameter_server as ps
 from distlab.asynchronous.ps_config import worker_batch
-from distlab.problems import convex
+from distlab.problems.convex import WORKLOAD
 
 STEP_TIME, STRAGGLER, TARGET, LR = 0.02, 3.0, 0.02, 0.1
+BIG_MLP = replace(WORKLOAD, model="mlp", hidden=1200)   # digits, ~90k parameters, batch 32
 
 
 def ddp_worker(config: ps.ParameterServerConfig, num_steps: int, straggler: float,
                target: float | None) -> dict:
     """PyTorch's synchronous SGD on the parameter server's problem, data and batches."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    model, ds, loss_fn = convex.build(config.problem, config.hidden, config.seed)
+    workload = config.workload.loaded()
+    model, ds, loss_fn = workload.build_model(), workload.dataset, workload.loss
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.SGD(ddp.parameters(), lr=config.lr)
+    opt = workload.optimizer(ddp.parameters())
     slow = straggler if rank == world - 1 else 1.0
     dist.barrier()
     t0, reached = time.perf_counter(), None
@@ -76,15 +79,15 @@ def throughput(repeats: int) -> list[dict]:
     for workers in (1, 2, 4, 8):
         row = {"workers": workers}
         for servers in (1, 2):
-            cfg = ps.ParameterServerConfig(num_workers=workers, num_servers=servers,
-                                           staleness=None, problem="digits", hidden=1200,
-                                           num_steps=50 * workers, lr=0.01, eval_size=64)
+            cfg = ps.ParameterServerConfig(replace(BIG_MLP, num_steps=50 * workers, lr=0.01),
+                                           num_workers=workers, num_servers=servers,
+                                           staleness=None, eval_size=64)
             rates = []
             for _ in range(repeats):
                 result = ps.run(cfg, timeout=120)
                 rates.append(statistics.mean(s["updates_per_s"] for s in result.servers))
             row[f"ps_{servers}"] = statistics.median(rates)
-        cfg = ps.ParameterServerConfig(num_workers=workers, problem="digits", hidden=1200)
+        cfg = ps.ParameterServerConfig(BIG_MLP, num_workers=workers)
         rates = [distlab.launch(ddp_worker, workers, cfg, 40, 1.0, None,
                                 timeout=120)[0]["gradients_per_s"] for _ in range(repeats)]
         row["ddp"] = statistics.median(rates)
@@ -95,8 +98,8 @@ def throughput(repeats: int) -> list[dict]:
 
 def time_to_target(repeats: int) -> dict:
     """Seconds to the target: PS sync and PS async interleaved in pairs, then torch DDP."""
-    base = dict(num_workers=4, lr=LR, step_time=STEP_TIME, slowdown=(1, 1, 1, STRAGGLER),
-                target_loss=TARGET, num_steps=400)
+    base = dict(workload=replace(WORKLOAD, lr=LR, num_steps=400), num_workers=4,
+                step_time=STEP_TIME, slowdown=(1, 1, 1, STRAGGLER), target_loss=TARGET)
     sync = ps.ParameterServerConfig(staleness=0, **base)
     out = {}
     out["PS sync (BSP)"], out["PS async"] = interleaved(
@@ -119,8 +122,7 @@ def main():
     rows = throughput(max(1, args.repeats // 2))
     ttt = time_to_target(args.repeats)
     ratio = pair_ratios(ttt["PS async"], ttt["PS sync (BSP)"])
-    cfg = ps.ParameterServerConfig(problem="digits", hidden=1200)
-    params = sum(p.numel() for p in convex.build(cfg.problem, cfg.hidden)[0].parameters())
+    params = sum(p.numel() for p in BIG_MLP.build_model().parameters())
     lines = [
         f"{torch.get_num_threads()} threads visible to torch, torch {torch.__version__}; "
         f"{time.time() - t0:.0f} s in all.", "",

@@ -1,20 +1,20 @@
 """Launch cost: distlab.launch against torch.multiprocessing.spawn, and the accounting overhead.
 
-Run:  .venv/bin/python benchmarks/bench_launch.py  [--sizes 2 4 8] [--out benchmarks/results/launch.md]
+Run:  .venv/bin/python benchmarks/bench_launch.py  [--sizes 2 4 8] [--repeats 3]
+      [--rounds 400] [--out DIR]                  (writes DIR/launch.md, default results/)
 
-1. Start N workers, run one all_reduce, return. Wall time and total memory (sum of PSS of
-   every process involved, the forkserver included) of ``distlab.launch`` against
-   ``torch.multiprocessing.spawn`` doing the same. Target at 8 workers: ≤ 0.3× in both.
+1. Start N workers, run one all_reduce, return. Wall time of ``distlab.launch`` against
+   ``torch.multiprocessing.spawn`` doing the same, in interleaved pairs (median pair ratio,
+   min and max), and total memory (sum of PSS of every process involved, the forkserver
+   included). Target at 8 workers: ≤ 0.3× in both.
 2. ``distlab.comm.all_reduce`` / ``send``+``recv`` against the raw torch.distributed calls,
-   interleaved in the same processes. Target: ≤ 1.05×.
+   in interleaved pairs in the same processes. Target: ≤ 1.05× (median pair).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import socket
-import statistics
 import sys
 import threading
 import time
@@ -23,6 +23,9 @@ import psutil
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
+
+import report
+from report import fmt_ratio, interleaved, load, pair_ratios, spread, write
 
 import distlab
 
@@ -80,22 +83,18 @@ def peak_memory(fn) -> float:
     return peak[0]
 
 
-def timed(fn, repeats):
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+def seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
-def overhead_worker(iters: int, numel: int):
+def overhead_worker(rounds: int, numel: int):
+    """Raw and counted calls in interleaved pairs; rank 0's clock, 10 calls a measurement."""
     torch.set_num_threads(1)
     from distlab import comm
     rank = dist.get_rank()
     x = torch.ones(numel)
-    times = {"dist.all_reduce": [], "comm.all_reduce": [], "dist.send/recv": [],
-             "comm.send/recv": []}
 
     def pingpong(send, recv):
         if rank == 0:
@@ -105,74 +104,69 @@ def overhead_worker(iters: int, numel: int):
             recv(x, 0)
             send(x, 0)
 
-    calls = {"dist.all_reduce": lambda: dist.all_reduce(x),
-             "comm.all_reduce": lambda: comm.all_reduce(x),
-             "dist.send/recv": lambda: pingpong(dist.send, dist.recv),
-             "comm.send/recv": lambda: pingpong(comm.send, comm.recv)}
-    for _ in range(20):                      # warm up
-        for f in calls.values():
-            f()
-    order = list(calls.items())
-    for i in range(iters):                   # interleave so both see the same noise
-        for name, f in (order if i % 2 else order[::-1]):
+    def ten(call):
+        def measure():
             dist.barrier()
             t0 = time.perf_counter()
             for _ in range(10):
-                f()
-            times[name].append((time.perf_counter() - t0) / 10)
+                call()
+            return (time.perf_counter() - t0) / 10
+        return measure
+
+    times = {}
+    for op, raw, counted in (
+            ("all_reduce", lambda: dist.all_reduce(x), lambda: comm.all_reduce(x)),
+            ("send/recv", lambda: pingpong(dist.send, dist.recv),
+             lambda: pingpong(comm.send, comm.recv))):
+        times[f"comm.{op}"], times[f"dist.{op}"] = interleaved(ten(counted), ten(raw),
+                                                               pairs=rounds, warmup=20)
     return times
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    lines = [f"# Launch benchmark ({datetime.date.today()}, {os.cpu_count()} cores, "
-             f"torch {torch.__version__})", "",
-             "Command: `python benchmarks/bench_launch.py`", "",
-             "| workers | distlab cold (s) | distlab warm (s) | spawn (s) | time ratio warm | "
-             "time ratio cold | distlab PSS (MB) | spawn PSS (MB) | memory ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    ap.add_argument("--repeats", type=int, default=3, help="launch pairs per size")
+    ap.add_argument("--rounds", type=int, default=400, help="accounting pairs (10 calls each)")
+    args = report.parse_args(ap)
+    load_before = load()
+    lines = [f"torch {torch.__version__}", "",
+             "| workers | distlab cold (s) | distlab warm (s) | spawn (s) | time ratio warm, "
+             "median (min-max) | time ratio cold | distlab PSS (MB) | spawn PSS (MB) "
+             "| memory ratio |", "|---|---|---|---|---|---|---|---|---|"]
     # The first launch in this Python also starts the forkserver and imports torch there.
     cold_n = max(args.sizes)
-    t0 = time.perf_counter()
-    distlab.launch(one_all_reduce, cold_n)
-    cold = time.perf_counter() - t0
+    cold = seconds(lambda: distlab.launch(one_all_reduce, cold_n))
     for n in args.sizes:
-        warm = timed(lambda: distlab.launch(one_all_reduce, n), args.repeats)
-        cold_here = cold if n == cold_n else None
-        sp = timed(lambda: spawn_launch(n), args.repeats)
+        warm, sp = interleaved(lambda: seconds(lambda: distlab.launch(one_all_reduce, n)),
+                               lambda: seconds(lambda: spawn_launch(n)), pairs=args.repeats,
+                               warmup=0)
+        warm_s, sp_s = spread(warm)["median"], spread(sp)["median"]
         mem_d = peak_memory(lambda: distlab.launch(one_all_reduce, n, HOLD))
         mem_s = peak_memory(lambda: spawn_launch(n, HOLD))
-        cold_col = f"{cold_here:.2f}" if cold_here else "-"
-        cold_ratio = f"{cold_here / sp:.2f}×" if cold_here else "-"
-        lines.append(f"| {n} | {cold_col} | {warm:.3f} | {sp:.2f} | {warm / sp:.2f}× | "
-                     f"{cold_ratio} | {mem_d / 2**20:.0f} | {mem_s / 2**20:.0f} | "
-                     f"{mem_d / mem_s:.2f}× |")
+        cold_col = f"{cold:.2f}" if n == cold_n else "-"
+        cold_ratio = f"{cold / sp_s:.2f}×" if n == cold_n else "-"
+        lines.append(f"| {n} | {cold_col} | {warm_s:.3f} | {sp_s:.2f} | "
+                     f"{fmt_ratio(pair_ratios(warm, sp))} | {cold_ratio} | "
+                     f"{mem_d / 2**20:.0f} | {mem_s / 2**20:.0f} | {mem_d / mem_s:.2f}× |")
         print(lines[-1], flush=True)
     lines += ["", "Cold: the first launch in a fresh Python, which also starts the forkserver "
-              "and imports torch in it once. Warm: every later launch. Target at 8 workers: "
-              "≤ 0.3× spawn's time and memory.", ""]
+              "and imports torch in it once (against spawn's median). Warm: every later "
+              "launch. Target at 8 workers: ≤ 0.3× spawn's time and memory.", ""]
 
-    res = distlab.launch(overhead_worker, 2, 400, 256)
-    lines += ["## Accounting overhead (2 ranks, 1 KiB float32, 400 rounds of 10 calls)", "",
-              "Raw and counted calls alternate, so both see the same noise; the ratio is the "
-              "median over rounds of counted/raw (rank 0's clock).", "",
-              "| call | raw (µs) | distlab.comm (µs) | ratio |", "|---|---|---|---|"]
-    times = res[0]
+    times = distlab.launch(overhead_worker, 2, args.rounds, 256)[0]
+    lines += [f"## Accounting overhead (2 ranks, 1 KiB float32, {args.rounds} pairs of 10 "
+              "calls)", "",
+              "Counted and raw calls alternate, so both see the same noise; the ratio is the "
+              "median over pairs of counted/raw (rank 0's clock), with its min and max.", "",
+              "| call | raw (µs) | distlab.comm (µs) | ratio, median (min-max) |",
+              "|---|---|---|---|"]
     for op in ("all_reduce", "send/recv"):
         raw, ours = times[f"dist.{op}"], times[f"comm.{op}"]
-        ratio = statistics.median(o / r for o, r in zip(ours, raw))
-        lines.append(f"| {op} | {statistics.median(raw) * 1e6:.1f} | "
-                     f"{statistics.median(ours) * 1e6:.1f} | {ratio:.3f}× |")
+        lines.append(f"| {op} | {spread(raw)['median'] * 1e6:.1f} | "
+                     f"{spread(ours)['median'] * 1e6:.1f} | {fmt_ratio(pair_ratios(ours, raw))} |")
     lines += ["", "Target: ≤ 1.05×."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    write("launch", "Launch benchmark", lines, load_before)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ backend="nccl")`` and, on CUDA tensors,
 * trains a small MLP for a few steps with every data-parallel variant (``distlab.data_parallel.ddp``)
   and with the sharded optimizers (ZeRO-1/2 ``distlab.sharding.zero``, ZeRO-3 ``distlab.sharding.fsdp``), and
   compares the parameters with one process training on the whole batch (``assert_close``);
+* runs lab 02's training loop (``distlab.data_parallel.sync_sgd.train`` on its ``Workload``,
+  data and model moved to each rank's GPU) against its single-process ``reference``;
 
 then prints a short table (``--write`` also saves it to ``benchmarks/results/device_check.md``).
-Modules that do not exist yet are skipped, so the check grows with the course.
+A module that is missing is an error, never a silently skipped check.
 
 On a machine without a GPU it says so and exits 0; ``--cpu`` runs the same checks on gloo
 (the development path, and what CI covers in the test suite anyway).
@@ -119,13 +121,13 @@ def _collective_rows(numel: int, repeat: int) -> list[tuple]:
         row("comm.isend/irecv (ring shift)", check_ring_shift, ring_shift, 1.0)
 
     collectives = _module("communication.collectives")
-    if collectives is not None:
-        def check_ring():
-            t = x.clone()
-            collectives.ring_all_reduce(t)
-            return bool((t == n * (n + 1) / 2).all()), "lab 01's ring, from send/recv"
-        row("collectives.ring_all_reduce", check_ring,
-            lambda: collectives.ring_all_reduce(x.clone(), check=False), 2 * (n - 1) / n)
+
+    def check_ring():
+        t = x.clone()
+        collectives.ring_all_reduce(t)
+        return bool((t == n * (n + 1) / 2).all()), "lab 01's ring, from send/recv"
+    row("collectives.ring_all_reduce", check_ring,
+        lambda: collectives.ring_all_reduce(x.clone(), check=False), 2 * (n - 1) / n)
     return rows
 
 
@@ -176,45 +178,62 @@ def _training_rows(steps: int) -> list[tuple]:
                          None, None))
 
     data_parallel = _module("data_parallel.ddp")
-    if data_parallel is not None:
-        for variant in data_parallel.VARIANTS:
-            def train_ddp(optimizer_class, variant=variant, **hyper):
-                model = data_parallel.wrap(mlp(64, 256, 10, depth=2, seed=0).to(dev), variant)
-                opt = optimizer_class(model.parameters(), **hyper)
-                for _ in range(steps):
-                    opt.zero_grad()
-                    F.cross_entropy(model(X), y).backward()
-                    model.finish_gradient_synchronization()
-                    opt.step()
-                return model.module.state_dict()
-            row(f"data_parallel {variant}", train_ddp, torch.optim.SGD, lr=0.1)
-
-    zero = _module("sharding.zero")
-    if zero is not None:
-        for stage, gradients in ((1, "reduce_scatter"), (2, "sharded")):
-            def train_zero(optimizer_class, gradients=gradients, **hyper):
-                model = mlp(64, 256, 10, depth=2, seed=0).to(dev)
-                opt = zero.ShardedOptimizer(model.parameters(), optimizer_class,
-                                            gradients=gradients, **hyper)
-                for _ in range(steps):
-                    opt.zero_grad()
-                    F.cross_entropy(model(X), y).backward()
-                    opt.step()
-                return model.state_dict()
-            row(f"zero stage {stage} (ShardedOptimizer)", train_zero, torch.optim.Adam, lr=1e-3)
-
-    fsdp = _module("sharding.fsdp")
-    if fsdp is not None:
-        def train_fsdp(optimizer_class, **hyper):
-            model = fsdp.FullyShardedDataParallel(mlp(64, 256, 10, depth=2, seed=0).to(dev))
+    for variant in data_parallel.VARIANTS:
+        def train_ddp(optimizer_class, variant=variant, **hyper):
+            model = data_parallel.wrap(mlp(64, 256, 10, depth=2, seed=0).to(dev), variant)
             opt = optimizer_class(model.parameters(), **hyper)
             for _ in range(steps):
                 opt.zero_grad()
                 F.cross_entropy(model(X), y).backward()
+                model.finish_gradient_synchronization()
                 opt.step()
-            return model.full_state_dict()
-        row("zero stage 3 (FullyShardedDataParallel)", train_fsdp, torch.optim.Adam, lr=1e-3)
-    return rows
+            return model.module.state_dict()
+        row(f"data_parallel {variant}", train_ddp, torch.optim.SGD, lr=0.1)
+
+    zero = _module("sharding.zero")
+    for stage, gradients in ((1, "reduce_scatter"), (2, "sharded")):
+        def train_zero(optimizer_class, gradients=gradients, **hyper):
+            model = mlp(64, 256, 10, depth=2, seed=0).to(dev)
+            opt = zero.ShardedOptimizer(model.parameters(), optimizer_class,
+                                        gradients=gradients, **hyper)
+            for _ in range(steps):
+                opt.zero_grad()
+                F.cross_entropy(model(X), y).backward()
+                opt.step()
+            return model.state_dict()
+        row(f"zero stage {stage} (ShardedOptimizer)", train_zero, torch.optim.Adam, lr=1e-3)
+
+    fsdp = _module("sharding.fsdp")
+
+    def train_fsdp(optimizer_class, **hyper):
+        model = fsdp.FullyShardedDataParallel(mlp(64, 256, 10, depth=2, seed=0).to(dev))
+        opt = optimizer_class(model.parameters(), **hyper)
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(model(X), y).backward()
+            opt.step()
+        return model.full_state_dict()
+    row("zero stage 3 (FullyShardedDataParallel)", train_fsdp, torch.optim.Adam, lr=1e-3)
+    return rows + [_sync_sgd_row(steps)]
+
+
+def _sync_sgd_row(steps: int) -> tuple:
+    """Lab 02's loop on this rank's device against its single-process reference (on the CPU)."""
+    import torch.distributed as dist
+    from distlab.problems.workloads import Workload
+    sync_sgd = _module("data_parallel.sync_sgd")
+    n, name = dist.get_world_size(), "sync_sgd.train (Workload mlp, bucketed)"
+    try:
+        config = sync_sgd.SyncSGDConfig(
+            workload=Workload(model="mlp", batch_size=16 * n, num_steps=steps), world_size=n)
+        t0 = time.perf_counter()
+        out = sync_sgd.train(config)
+        ms = (time.perf_counter() - t0) / steps * 1e3
+        torch.testing.assert_close(out["params"], sync_sgd.reference(config)["params"],
+                                   rtol=1e-4, atol=1e-5)
+        return (name, True, f"= 1 process, {steps} SGD steps", ms, None)
+    except Exception as e:
+        return (name, False, f"{type(e).__name__}: {e}"[:120].replace("\n", " "), None, None)
 
 
 def check(numel: int, repeat: int, steps: int) -> dict:

@@ -14,11 +14,11 @@ Usage::
     python benchmarks/lab_memory.py                     # every lab in labs/, default settings
     python benchmarks/lab_memory.py labs/00_start_here.ipynb --small
     python benchmarks/lab_memory.py --write             # also write benchmarks/results/lab_memory.md
+    python benchmarks/lab_memory.py labs/04_*.ipynb --small --out /tmp   # /tmp/lab_memory.md
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import re
 import sys
@@ -29,6 +29,9 @@ from pathlib import Path
 import nbformat
 import psutil
 from nbclient import NotebookClient
+
+import report
+from report import load, write
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET_GB = 2.0
@@ -89,7 +92,9 @@ def main() -> int:
     parser.add_argument("--small", action="store_true", help="DISTLAB_SMALL=1 (the CI setting)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per cell")
     parser.add_argument("--write", action="store_true", help="write benchmarks/results/lab_memory.md")
+    parser.add_argument("--out", type=Path, help="write the report to OUT/lab_memory.md instead")
     args = parser.parse_args()
+    load_before = load()
     labs = args.labs or sorted((ROOT / "labs").glob("[0-9]*.ipynb"))
     if args.small:
         os.environ["DISTLAB_SMALL"] = "1"
@@ -107,27 +112,23 @@ def main() -> int:
                     f"{r['processes']} | {r['seconds']:.0f} | {fits} | {ran} |")
         print(rows[-1], flush=True)
 
-    command = "python benchmarks/lab_memory.py " + " ".join(sys.argv[1:])
-    report = "\n".join([
-        "# Lab memory: does every lab fit Binder's 2 GB?",
-        "",
+    body = [
         f"Peak total PSS of the kernel and all its child processes (forkserver, worker ranks) "
         f"while each lab runs top to bottom, {setting} settings. Target: under "
-        f"{BUDGET_GB:g} GB per lab (the Jupyter server, about 0.1 GB, comes on top).",
-        "",
-        f"- command: `{command.strip()}`",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / GB:.0f} GB, "
-        f"shared with other jobs (times are noisy; memory is not)",
-        "- a lab that stopped at a failing cell is measured up to that cell only",
-        "",
+        f"{BUDGET_GB:g} GB per lab (the Jupyter server, about 0.1 GB, comes on top). The "
+        f"machine has {psutil.virtual_memory().total / GB:.0f} GB; times are noisy, memory is "
+        "not. A lab that stopped at a failing cell is measured up to that cell only.", "",
         "| lab | peak total PSS (GB) | kernel PSS at peak (GB) | processes at peak | "
         "wall time (s) | fits 2 GB | ran to the end |",
         "|---|---|---|---|---|---|---|",
-        *rows, ""])
-    print(report)
-    if args.write:
-        (ROOT / "benchmarks" / "results" / "lab_memory.md").write_text(report)
+        *rows]
+    title = "Lab memory: does every lab fit Binder's 2 GB?"
+    if args.out:
+        report.RESULTS = args.out
+    if args.write or args.out:
+        write("lab_memory", title, body, load_before)
+    else:
+        print("\n".join([f"# {title}", ""] + body))
     return 0
 
 

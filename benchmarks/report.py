@@ -52,6 +52,16 @@ def fmt_ratio(r: dict) -> str:
     return f"{r['median']:.2f}× ({r['min']:.2f}-{r['max']:.2f}, {r['n']} pairs)"
 
 
+def parse_args(parser, argv=None):
+    """``parser.parse_args(argv)`` with the shared ``--out DIR`` flag: where reports go
+    (``benchmarks/results/`` by default; a smoke run writes elsewhere)."""
+    global RESULTS
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the report")
+    args = parser.parse_args(argv)
+    RESULTS = args.out
+    return args
+
+
 def load() -> float:
     """The 1-minute load average (how busy the shared machine is)."""
     return os.getloadavg()[0]

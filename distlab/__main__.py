@@ -24,28 +24,40 @@ import time
 
 def _ddp(args, world_size: int):
     from distlab.data_parallel import sync_sgd
-    config = sync_sgd.SyncSGDConfig(task=args.task, world_size=world_size, lr=args.lr,
-                                    num_steps=args.steps, batch_size=args.batch_size,
-                                    variant=args.variant)
+    from distlab.problems.workloads import Workload
+    workload = Workload(model={"digits": "mlp"}.get(args.task, args.task), lr=args.lr,
+                        num_steps=args.steps, batch_size=args.batch_size * world_size)
+    config = sync_sgd.SyncSGDConfig(workload=workload.loaded(), world_size=world_size,
+                                    variant=args.variant)   # --batch-size: per rank
     return lambda group: {"loss": sync_sgd.train(config, group)["losses"][-1]}
 
 
 def _ps(args, world_size: int):
+    from dataclasses import replace
+
     from distlab.asynchronous import parameter_server
+    from distlab.problems.convex import WORKLOAD
     if world_size < 2:
         raise ValueError(f"--algo ps needs at least 2 processes (a server and a worker), "
                          f"got {world_size}")
-    problem = {"linear": "linear_regression"}.get(args.task, args.task)
-    config = parameter_server.ParameterServerConfig(
-        num_workers=world_size - 1, problem=problem, lr=args.lr, num_steps=args.steps,
-        staleness=args.staleness)
+    workload = replace(WORKLOAD, model={"digits": "mlp"}.get(args.task, args.task), lr=args.lr,
+                       num_steps=args.steps, batch_size=args.batch_size)   # per push
+    config = parameter_server.ParameterServerConfig(workload, num_workers=world_size - 1,
+                                                    staleness=args.staleness)
     return lambda group: {k: v for k, v in parameter_server.train(config, group).items()
                           if k in ("role", "loss", "lost")}
 
 
 def _local_sgd(args, world_size: int):
+    from dataclasses import replace
+
     from distlab.communication_efficient import local_sgd
-    config = local_sgd.LocalSGDConfig(world_size=world_size, num_steps=args.steps, lr=args.lr,
+    if args.task != "digits":
+        raise ValueError(f"--algo local_sgd trains the digits MLP; --task={args.task!r} is not "
+                         "supported (use --task digits)")
+    workload = replace(local_sgd.WORKLOAD, num_steps=args.steps, lr=args.lr,   # the digits MLP
+                       batch_size=args.batch_size * world_size)   # --batch-size per rank
+    config = local_sgd.LocalSGDConfig(workload=workload, world_size=world_size,
                                       period=args.period)
     return lambda group: {"loss": local_sgd.train(config, group)["loss"]}
 
@@ -114,7 +126,7 @@ def main(argv=None) -> int:
     t.add_argument("--nproc", type=int, default=4, help="processes, when not under torchrun")
     t.add_argument("--steps", type=int, default=100)
     t.add_argument("--lr", type=float, default=0.1)
-    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--batch-size", type=int, default=32, help="examples per rank per step")
     t.add_argument("--variant", default="bucketed", help="DDP variant (ddp only)")
     t.add_argument("--staleness", type=int, default=None, help="SSP bound (ps only)")
     t.add_argument("--period", type=int, default=4, help="local steps between averages "

@@ -12,7 +12,8 @@ import pytest
 from distlab.__main__ import ALGORITHMS, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAGS = ["--steps", "5", "--task", "linear", "--lr", "0.05"]
+FLAGS = ["--steps", "5", "--lr", "0.05"]
+TASK = {"ddp": ["--task", "linear"], "ps": ["--task", "linear"], "local_sgd": []}
 
 
 def last_json(text: str) -> dict:
@@ -33,7 +34,7 @@ def test_every_algorithm_of_the_command_line_is_tested_here():
 
 @pytest.mark.parametrize("algo", ["ddp", "ps", "local_sgd"])
 def test_algorithm_trains_under_distlabs_launcher_and_prints_its_final_loss(algo, capsys):
-    assert main(["train", "--algo", algo, "--nproc", "3", *FLAGS]) == 0
+    assert main(["train", "--algo", algo, "--nproc", "3", *FLAGS, *TASK[algo]]) == 0
     summary = last_json(capsys.readouterr().out)
     assert summary["algo"] == algo and summary["world_size"] == 3
     assert isinstance(summary["loss"], float) and summary["loss"] == summary["loss"]  # not NaN
@@ -44,6 +45,8 @@ def test_bad_flags_are_refused_before_any_process(capsys):
         main(["train", "--algo", "ps", "--nproc", "1", *FLAGS])
     with pytest.raises(ValueError, match="lr=-1.0"):
         main(["train", "--algo", "ddp", "--nproc", "2", "--lr", "-1"])
+    with pytest.raises(ValueError, match="--task='linear' is not supported"):
+        main(["train", "--algo", "local_sgd", "--nproc", "2", "--task", "linear"])
 
 
 def free_port() -> int:
@@ -57,7 +60,7 @@ def test_algorithm_trains_under_torchrun_with_two_agents_standing_for_two_nodes(
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=cli-{algo}",
-           "-m", "distlab", "train", "--algo", algo, *FLAGS]
+           "-m", "distlab", "train", "--algo", algo, *FLAGS, *TASK[algo]]
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     agents = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=env, cwd=ROOT) for _ in range(2)]

@@ -46,7 +46,12 @@ from distlab.problems.convex import log_loss, sparse_logistic
 
 @dataclass(frozen=True)
 class HogwildConfig:
-    """A Hogwild! run on sparse logistic regression; validated when it is made."""
+    """A Hogwild! run on sparse logistic regression; validated when it is made.
+
+    Its problem is not a :class:`~distlab.problems.workloads.Workload` (no model, no batches:
+    single-example updates of a shared vector, :func:`distlab.problems.convex.sparse_logistic`),
+    so it keeps its own ``lr``, ``num_steps`` and ``seed``.
+    """
 
     num_workers: int = 4
     """Processes updating the shared parameters, 1 to 16."""

@@ -49,7 +49,7 @@ event), :mod:`~distlab.asynchronous.ps_worker` (pull, compute, push).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -97,6 +97,7 @@ def start(config: ParameterServerConfig, timeout: float | None = 300, **launch_k
         raise TypeError(f"config must be a ParameterServerConfig, got {type(config).__name__}")
     launch_kwargs.setdefault("expendable_ranks",
                              tuple(range(config.num_servers, config.world_size)))
+    config = replace(config, workload=config.workload.loaded())   # the data travels with it
     return _start(train, config.world_size, config, timeout=timeout, **launch_kwargs)
 
 
@@ -113,14 +114,15 @@ def reference(config: ParameterServerConfig) -> torch.Tensor:
     ``num_steps`` (no target, no divergence stop) and ignores the staleness bound: for
     ``staleness > 0`` it is the synchronous run to compare with.
     """
-    model, ds, loss_fn = convex.build(config.problem, config.hidden, config.seed)
+    workload = config.workload.loaded()
+    model, ds = workload.build_model(), workload.dataset
     x = parameters_to_vector(model.parameters()).detach().clone()   # (P,)
-    optimizer = torch.optim.SGD([x], lr=config.lr)
-    for t in range(config.num_steps):
+    optimizer = workload.optimizer([x])
+    for t in range(workload.num_steps):
         grads = []
         for w in range(config.num_workers):
             idx = worker_batch(config, ds, w, t)
-            grads.append(convex.flat_gradient(model, loss_fn, ds.X[idx], ds.y[idx], x,
+            grads.append(convex.flat_gradient(model, workload.loss, ds.X[idx], ds.y[idx], x,
                                               config.clip)[1])
         x.grad = torch.stack(grads).mean(0)    # (W, P) -> (P,)
         optimizer.step()

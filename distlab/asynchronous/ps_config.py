@@ -17,7 +17,8 @@ import torch
 
 from distlab.checks import is_int, is_number, require, require_arg
 from distlab.problems import data
-from distlab.problems.convex import PROBLEMS
+from distlab.problems.convex import WORKLOAD, require_flat_workload
+from distlab.problems.workloads import Workload
 
 STOP, GO, BYE = 0.0, 1.0, -1   # reply codes; BYE in a push's clock: "I am leaving"
 PUSH_HEAD = 4                  # a push:  [worker, clock, version_read, loss] + gradient slice
@@ -27,24 +28,26 @@ FINAL_TAG = 1                  # the servers' closing exchange, apart from the p
 
 @dataclass(frozen=True)
 class ParameterServerConfig:
-    """How a parameter-server run is set up; validated before any process starts."""
+    """How a parameter-server run is set up; validated before any process starts.
 
+    What is trained comes from ``workload``: its model and data, its ``lr`` (the server's
+    SGD step), ``num_steps`` (server updates) and ``seed`` (the model, the data shards, the
+    minibatches and the random delays). Its ``batch_size`` is the examples of **one push**,
+    a worker's minibatch drawn from its own shard: under SSP and async each server update
+    applies one push, so that is the examples per optimizer step as :class:`Workload` defines
+    it; under BSP an update averages the round's ``num_workers`` pushes, so the synchronous
+    SGD it equals sees ``num_workers * batch_size`` examples per step. A push may hold at
+    most the worker's shard (``len(data) // num_workers`` examples).
+    """
+
+    workload: Workload = field(default_factory=lambda: WORKLOAD)
+    """What is trained: ``"linear"`` (regression) or ``"mlp"`` (digits); see above."""
     num_workers: int = 4
     """Worker processes (ranks ``num_servers ..``), 1 to 32."""
     num_servers: int = 1
     """Server ranks; the parameter vector is split evenly across them (sharded server)."""
     staleness: int | None = None
     """SSP bound s in clocks: 0 = BSP (synchronous), None = fully asynchronous."""
-    lr: float = 0.05
-    """Learning rate of the server's SGD step."""
-    num_steps: int = 200
-    """Server updates to apply (BSP: rounds, each the mean of every worker's gradient)."""
-    batch_size: int | None = 32
-    """Minibatch per gradient, drawn from the worker's shard; None = the whole shard."""
-    problem: str = "linear_regression"
-    """``"linear_regression"`` (``nn.Linear``) or ``"digits"`` (an MLP)."""
-    hidden: int = 32
-    """Hidden width of the digits MLP (more parameters: a heavier server)."""
     eval_size: int = 512
     """Training examples (the first ones) on which workers measure the loss they pull."""
     staleness_aware: bool = False
@@ -57,8 +60,6 @@ class ParameterServerConfig:
     """Per-worker slowdown factors (worker i takes ``slowdown[i]`` times as long); missing = 1."""
     random_delay: float = 0.0
     """Mean (seconds) of an extra exponential delay per gradient, seeded; 0 = none."""
-    seed: int = 0
-    """Seeds the model, the data shards, the minibatches and the random delays."""
     target_loss: float | None = None
     """Stop as soon as the training loss is at or below this; None = run num_steps."""
     divergence_factor: float = 1e4
@@ -73,21 +74,18 @@ class ParameterServerConfig:
     """``may_proceed(clock, clocks, staleness) -> bool``; None = :func:`may_proceed`."""
 
     def __post_init__(self):
+        require_flat_workload(self)
         require(self, "num_workers", is_int(self.num_workers) and 1 <= self.num_workers <= 32,
                 "1..32")
+        shard = len(self.workload.loaded().dataset.y) // self.num_workers
+        require(self, "workload", self.workload.batch_size <= shard,
+                f"a workload with batch_size <= {shard}: a push is a minibatch of one "
+                f"worker's shard ({shard} examples with num_workers={self.num_workers})")
         require(self, "num_servers", is_int(self.num_servers) and 1 <= self.num_servers <= 8,
                 "1..8")
         require(self, "staleness",
                 self.staleness is None or (is_int(self.staleness) and self.staleness >= 0),
                 "an int >= 0 (0 = BSP) or None (fully asynchronous)")
-        require(self, "lr", is_number(self.lr) and self.lr > 0, "a number > 0")
-        require(self, "num_steps", is_int(self.num_steps) and 1 <= self.num_steps <= 10**6,
-                "1..1e6")
-        require(self, "batch_size",
-                self.batch_size is None or (is_int(self.batch_size) and self.batch_size >= 1),
-                "an int >= 1 or None (whole shard)")
-        require(self, "problem", self.problem in PROBLEMS, f"one of {PROBLEMS}")
-        require(self, "hidden", is_int(self.hidden) and 1 <= self.hidden <= 4096, "1..4096")
         require(self, "eval_size", is_int(self.eval_size) and self.eval_size >= 1,
                 "an int >= 1")
         require(self, "staleness_aware", isinstance(self.staleness_aware, bool),
@@ -102,7 +100,6 @@ class ParameterServerConfig:
                 f"a tuple of at most num_workers={self.num_workers} factors in [1, 100]")
         require(self, "random_delay",
                 is_number(self.random_delay) and 0 <= self.random_delay <= 10, "0..10 s")
-        require(self, "seed", is_int(self.seed), "an int")
         require(self, "target_loss", self.target_loss is None or is_number(self.target_loss),
                 "a number or None")
         require(self, "divergence_factor",
@@ -158,11 +155,10 @@ def worker_batch(config: ParameterServerConfig, ds, worker: int, clock: int) -> 
     require_arg("worker", worker, is_int(worker) and 0 <= worker < config.num_workers,
                 f"0..{config.num_workers - 1}")
     require_arg("clock", clock, is_int(clock) and clock >= 0, "an int >= 0")
-    shard = data.shard_indices(len(ds.y), worker, config.num_workers, seed=config.seed)
-    if config.batch_size is None:
-        return shard
-    g = torch.Generator().manual_seed(config.seed * 1_000_003 + worker * 7919 + clock)
-    return shard[torch.randint(len(shard), (config.batch_size,), generator=g)]
+    seed = config.workload.seed
+    shard = data.shard_indices(len(ds.y), worker, config.num_workers, seed=seed)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + worker * 7919 + clock)
+    return shard[torch.randint(len(shard), (config.workload.batch_size,), generator=g)]
 
 
 def shard_bounds(num_params: int, num_servers: int) -> list[tuple[int, int]]:

@@ -42,12 +42,11 @@ class ParameterServer:
 
     def __init__(self, config: ParameterServerConfig, shard: int, group=None):
         self.config, self.shard, self.group = config, shard, group
-        self.model, self.ds, self.loss_fn = convex.build(config.problem, config.hidden,
-                                                         config.seed)
+        self.model, self.workload = config.workload.build_model(), config.workload.loaded()
         flat = parameters_to_vector(self.model.parameters()).detach()
         self.lo, self.hi = shard_bounds(len(flat), config.num_servers)[shard]
         self.x = flat[self.lo:self.hi].clone()                      # (hi - lo,)
-        self.optimizer = torch.optim.SGD([self.x], lr=config.lr)
+        self.optimizer = self.workload.optimizer([self.x])
         self.rule = config.wait_rule or may_proceed
         W = config.num_workers
         self.version = 0                       # updates applied so far
@@ -96,7 +95,7 @@ class ParameterServer:
             return
         self.clocks[w] = clock + 1
         tau = self.version - v_read                    # the measured staleness
-        lr = self.config.lr / max(tau, 1) if self.config.staleness_aware else self.config.lr
+        lr = self.workload.lr / max(tau, 1) if self.config.staleness_aware else self.workload.lr
         self.log.append(("push", w, clock, v_read, tau))
         if self.shard == 0:
             self.on_loss(v_read, loss)
@@ -185,8 +184,8 @@ class ParameterServer:
         self.x.grad = g
         self.optimizer.step()
         self.version += 1
-        if self.version >= self.config.num_steps:
-            self.stop(f"finished {self.config.num_steps} updates")
+        if self.version >= self.workload.num_steps:
+            self.stop(f"finished {self.workload.num_steps} updates")
 
     def apply_round(self) -> None:
         """BSP: apply the mean of the round's gradients, summed in worker order.
@@ -195,7 +194,7 @@ class ParameterServer:
         """
         mean = torch.stack([self.round[w] for w in sorted(self.round)]).mean(0)
         self.round.clear()
-        self.apply(mean, self.config.lr)
+        self.apply(mean, self.workload.lr)
 
     def stop(self, why: str) -> None:
         """Stop the run (the first reason wins): every worker is told at its next reply."""
@@ -239,8 +238,8 @@ class ParameterServer:
         slices = [self.x.detach()] + [torch.empty(hi - lo) for lo, hi in bounds[1:]]
         for j in range(1, S):
             comm.recv(slices[j], j, group=self.group, tag=FINAL_TAG)
-        n = self.config.eval_size
-        verdict[0] = convex.loss_at(self.model, self.loss_fn, self.ds.X[:n], self.ds.y[:n],
+        n, ds = self.config.eval_size, self.workload.dataset
+        verdict[0] = convex.loss_at(self.model, self.workload.loss, ds.X[:n], ds.y[:n],
                                     torch.cat(slices))
         for j in range(1, S):
             comm.send(verdict, j, group=self.group, tag=FINAL_TAG)

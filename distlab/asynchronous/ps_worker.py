@@ -25,10 +25,11 @@ from distlab.problems import convex
 
 def work(config: ParameterServerConfig, worker: int, group=None) -> dict:
     """Worker ``worker`` (rank ``num_servers + worker``) until a shard tells it to stop."""
-    model, ds, loss_fn = convex.build(config.problem, config.hidden, config.seed)
+    workload = config.workload.loaded()
+    model, ds, loss_fn = workload.build_model(), workload.dataset, workload.loss
     bounds = shard_bounds(sum(p.numel() for p in model.parameters()), config.num_servers)
     slowdown = config.slowdown[worker] if worker < len(config.slowdown) else 1.0
-    delays = torch.Generator().manual_seed(config.seed * 31 + worker)
+    delays = torch.Generator().manual_seed(workload.seed * 31 + worker)
     X_eval, y_eval = ds.X[:config.eval_size], ds.y[:config.eval_size]
     clock, compute_time, loss = 0, 0.0, None
     while True:

@@ -27,7 +27,8 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Iterator
 
 import pandas as pd
 import torch
@@ -37,56 +38,46 @@ from distlab.checks import is_int, is_number, require
 from distlab.launcher import start as _start
 from distlab.metrics import report
 from distlab.problems import convex
-from distlab.problems.convex import PROBLEMS
+from distlab.problems.convex import WORKLOAD, require_flat_workload
+from distlab.problems.workloads import Workload
 
 DISTRIBUTIONS = ("fixed", "uniform", "geometric")
 
 
 @dataclass(frozen=True)
 class SimulatedStalenessConfig:
-    """A simulated asynchronous SGD run; validated when it is made."""
+    """A simulated asynchronous SGD run; validated when it is made.
 
+    What is trained comes from ``workload``, as in the parameter server: its model and data,
+    ``lr``, ``num_steps`` (updates), ``seed`` (the model, the minibatches, the delays) and
+    ``batch_size``: one gradient per update, each on ``batch_size`` examples drawn from all
+    the data (:func:`minibatches`, a seeded stream of the simulation's own: which examples a
+    step sees decides how far the first, stalest steps overshoot, and so the figures).
+    """
+
+    workload: Workload = field(default_factory=lambda: WORKLOAD)
+    """What is trained: ``"linear"`` (regression) or ``"mlp"`` (digits)."""
     staleness: int = 4
     """tau when ``distribution="fixed"``; its maximum for ``"uniform"``; its mean for ``"geometric"``."""
     distribution: str = "fixed"
     """``"fixed"``, ``"uniform"`` (0..staleness) or ``"geometric"`` (mean staleness, unbounded)."""
-    lr: float = 0.05
-    """Learning rate."""
-    num_steps: int = 200
-    """Updates to apply."""
-    batch_size: int | None = 32
-    """Minibatch per gradient, drawn from all the data; None = full batch."""
-    problem: str = "linear_regression"
-    """``"linear_regression"`` or ``"digits"``, as in the parameter server."""
-    hidden: int = 32
-    """Hidden width of the digits MLP."""
     staleness_aware: bool = False
     """Use ``lr / max(tau, 1)`` (Zhang et al. 2016)."""
     clip: float | None = None
     """Clip each gradient's norm to this value; None = no clipping."""
-    seed: int = 0
-    """Seeds the model, the minibatches and the delays."""
     divergence_factor: float = 1e4
     """Stop when the loss exceeds this many times the first loss (or is not finite)."""
 
     def __post_init__(self):
+        require_flat_workload(self)
         require(self, "staleness", is_int(self.staleness) and 0 <= self.staleness <= 1000,
                 "0..1000")
         require(self, "distribution", self.distribution in DISTRIBUTIONS,
                 f"one of {DISTRIBUTIONS}")
-        require(self, "lr", is_number(self.lr) and self.lr > 0, "a number > 0")
-        require(self, "num_steps", is_int(self.num_steps) and 1 <= self.num_steps <= 10**6,
-                "1..1e6")
-        require(self, "batch_size",
-                self.batch_size is None or (is_int(self.batch_size) and self.batch_size >= 1),
-                "an int >= 1 or None (full batch)")
-        require(self, "problem", self.problem in PROBLEMS, f"one of {PROBLEMS}")
-        require(self, "hidden", is_int(self.hidden) and 1 <= self.hidden <= 4096, "1..4096")
         require(self, "staleness_aware", isinstance(self.staleness_aware, bool),
                 "True or False")
         require(self, "clip", self.clip is None or (is_number(self.clip) and self.clip > 0),
                 "> 0 or None")
-        require(self, "seed", is_int(self.seed), "an int")
         require(self, "divergence_factor",
                 is_number(self.divergence_factor) and self.divergence_factor > 1, "> 1")
 
@@ -108,10 +99,10 @@ class SimulatedResult:
 
 def draw_delays(config: SimulatedStalenessConfig) -> torch.Tensor:
     """The delay ``tau_t`` of every step (int64, shape ``(num_steps,)``), from the seed."""
-    n, s = config.num_steps, config.staleness
+    n, s = config.workload.num_steps, config.staleness
     if config.distribution == "fixed":
         return torch.full((n,), s, dtype=torch.int64)
-    g = torch.Generator().manual_seed(config.seed + 12345)
+    g = torch.Generator().manual_seed(config.workload.seed + 12345)
     if config.distribution == "uniform":
         return torch.randint(0, s + 1, (n,), generator=g)
     # geometric on {0, 1, ...} with mean s: P(tau = k) = p (1 - p)^k, p = 1 / (s + 1)
@@ -119,6 +110,15 @@ def draw_delays(config: SimulatedStalenessConfig) -> torch.Tensor:
     p = 1.0 / (s + 1)
     return torch.floor(torch.log1p(-u) / math.log1p(-p)).to(torch.int64) if s > 0 \
         else torch.zeros(n, dtype=torch.int64)
+
+
+def minibatches(config: SimulatedStalenessConfig) -> Iterator[torch.Tensor]:
+    """The row indices of every step's minibatch, ``(batch_size,)`` each, from the seed."""
+    workload = config.workload
+    g = torch.Generator().manual_seed(workload.seed + 777)
+    n = len(workload.loaded().dataset.y)
+    for _ in range(workload.num_steps):
+        yield torch.randint(n, (workload.batch_size,), generator=g)
 
 
 def simulate(config: SimulatedStalenessConfig, run: str = "simulated",
@@ -135,18 +135,18 @@ def simulate(config: SimulatedStalenessConfig, run: str = "simulated",
                         f"{type(config).__name__}")
     if not isinstance(run, str):
         raise TypeError(f"run must be a str (the run's name), got {type(run).__name__}")
-    model, ds, loss_fn = convex.build(config.problem, config.hidden, config.seed)
+    workload = config.workload.loaded()
+    model, ds, loss_fn = workload.build_model(), workload.dataset, workload.loss
     x = parameters_to_vector(model.parameters()).detach().clone()   # (P,)
-    optimizer = torch.optim.SGD([x], lr=config.lr)
+    optimizer = workload.optimizer([x])
     taus = draw_delays(config)
     history = deque([x.clone()], maxlen=int(taus.max()) + 1)   # x_t, x_{t-1}, ..., newest last
-    g_batches = torch.Generator().manual_seed(config.seed + 777)
     rows, diverged, first, t0 = [], None, None, time.time()
-    for t in range(config.num_steps):
+    for t, idx in enumerate(minibatches(config)):
         loss = convex.loss_at(model, loss_fn, ds.X, ds.y, x)
         first = loss if first is None else first
         tau = min(int(taus[t]), t)                   # no parameters before step 0
-        lr = config.lr / max(tau, 1) if config.staleness_aware else config.lr
+        lr = workload.lr / max(tau, 1) if config.staleness_aware else workload.lr
         rec = {"rank": 0, "step": t, "time": time.time() - t0, "loss": loss,
                "staleness": tau, "lr": lr}
         rows.append(rec)
@@ -156,8 +156,6 @@ def simulate(config: SimulatedStalenessConfig, run: str = "simulated",
             diverged = (f"diverged at step {t}: loss {loss:.3g} (first loss {first:.3g}); "
                         f"try a smaller lr, staleness_aware=True or clip")
             break
-        idx = (torch.randint(len(ds.y), (config.batch_size,), generator=g_batches)
-               if config.batch_size is not None else torch.arange(len(ds.y)))
         _, x.grad = convex.flat_gradient(model, loss_fn, ds.X[idx], ds.y[idx],
                                          history[-1 - tau], config.clip)
         optimizer.param_groups[0]["lr"] = lr
@@ -190,6 +188,7 @@ def start(config: SimulatedStalenessConfig, **launch_kwargs):
     if not isinstance(config, SimulatedStalenessConfig):
         raise TypeError(f"config must be a SimulatedStalenessConfig, got "
                         f"{type(config).__name__}")
+    config = replace(config, workload=config.workload.loaded())   # the data travels with it
     return _start(train, 1, config, **launch_kwargs)
 
 

@@ -15,6 +15,13 @@ own classes and FedAvg slows down (McMahan et al. 2017, section 3; Zhao et al. 2
 Local SGD (:mod:`distlab.communication_efficient.local_sgd`) is the case C = 1, one client
 per rank, equal weights.
 
+What is trained is the config's :class:`~distlab.problems.workloads.Workload` (an ``"mlp"``
+on the digits: model, data, loss, ``lr``, ``seed``). FedAvg counts rounds of E local steps,
+not steps, so the workload's ``num_steps`` is each sampled client's local steps over the
+whole run, E x rounds (local SGD's ``num_steps`` likewise counts local steps), and its
+``batch_size``, the examples of one parallel local step, is split over the clients sampled
+in a round: each draws ``batch_size / clients_per_round`` (McMahan et al.'s B).
+
 Communication (alpha-beta model, :mod:`distlab.communication.alpha_beta`; n parameters, p
 ranks), per round: one ring all-reduce of 4(n + 1) bytes,
 ``2(p-1) alpha + 2(p-1)/p·4(n+1) beta``, whatever the number of clients.
@@ -22,26 +29,37 @@ ranks), per round: one ring all-reduce of 4(n + 1) bytes,
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 
 from distlab import comm, launcher
-from distlab.communication_efficient.local_sgd import (SHARDS, TrafficMeter, assign,
-                                                       check_split, evaluate, flat, one_thread,
-                                                       problem, rank_and_size, sample_batches,
-                                                       validate)
+from distlab.checks import require_arg
+from distlab.communication_efficient.local_training import (SHARDS, WORKLOAD, TrafficMeter,
+                                                            assign, check_batch, check_split,
+                                                            check_workload, evaluate, flat,
+                                                            one_thread, problem,
+                                                            rank_and_size, sample_batches,
+                                                            validate, with_data)
 from distlab.metrics import report
+from distlab.problems.workloads import Workload
 
 
 @dataclass(frozen=True)
 class FedAvgConfig:
-    """Federated averaging (McMahan et al. 2017) of an MLP on the digits."""
+    """Federated averaging (McMahan et al. 2017) of a workload on the digits.
+
+    ``workload.num_steps`` is E x rounds (each sampled client's local steps over the run:
+    :attr:`num_rounds` rounds of ``local_steps``, it must divide); ``workload.batch_size`` is
+    split over a round's sampled clients, ``batch_size / clients_per_round`` examples each per
+    local step (it must divide).
+    """
+    workload: Workload = field(
+        default_factory=lambda: replace(WORKLOAD, num_steps=300, batch_size=80))
+    """What is trained: an ``"mlp"`` workload; by default 30 rounds of 10 local steps, with 16
+    examples per local step for each of the 5 clients sampled per round."""
     world_size: int = 2
     """Processes hosting the clients (client k on rank k mod world_size), 1 to 64."""
-    num_rounds: int = 30
-    """Communication rounds, 1 to 10,000."""
     num_clients: int = 20
     """K: clients, each with its own shard, 1 to 1,000 (label-skewed: as many as the
     digits' labels can be split between, about 700 with 2 labels each)."""
@@ -49,37 +67,37 @@ class FedAvgConfig:
     """C: fraction of clients sampled each round, in (0, 1]."""
     local_steps: int = 10
     """E: SGD steps each sampled client takes per round, 1 to 10,000."""
-    batch_size: int = 16
-    """Examples per local step, 1 to 4,096."""
-    lr: float = 0.2
-    """Learning rate, in (0, 10]."""
     shards: str = "iid"
     """``"iid"`` or ``"label_skewed"`` clients."""
     classes_per_client: int = 2
     """Labels per client for ``"label_skewed"``, 1 to 10."""
-    hidden: int = 32
-    """Width of the MLP's hidden layer, 1 to 4,096."""
     bandwidth: float = 1e6
     """Simulated network bandwidth in bytes/s, in (0, 1e12]."""
     latency: float = 1e-4
     """Simulated per-message latency in seconds, in [0, 10]."""
-    seed: int = 0
-    """Seed of the data split, the model, the sampling and the minibatches, 0 to 2^31."""
 
     def __post_init__(self):
         validate(self, ints=[("world_size", 1, launcher.MAX_WORLD_SIZE),
-                             ("num_rounds", 1, 10_000), ("num_clients", 1, 1000),
-                             ("local_steps", 1, 10_000), ("batch_size", 1, 4096),
-                             ("classes_per_client", 1, 10), ("hidden", 1, 4096),
-                             ("seed", 0, 2 ** 31)],
-                 floats=[("client_fraction", 0, 1), ("lr", 0, 10), ("bandwidth", 0, 1e12)],
+                             ("num_clients", 1, 1000), ("local_steps", 1, 10_000),
+                             ("classes_per_client", 1, 10)],
+                 floats=[("client_fraction", 0, 1), ("bandwidth", 0, 1e12)],
                  choices=[("shards", SHARDS)])
+        check_workload(self)
         check_split(self, "num_clients", "classes_per_client")
+        check_batch(self, self.clients_per_round, "clients_per_round")
+        steps = self.workload.num_steps
+        require_arg("FedAvgConfig.workload.num_steps", steps, steps % self.local_steps == 0,
+                    f"a multiple of local_steps={self.local_steps} (E x rounds)")
 
     @property
     def clients_per_round(self) -> int:
         """max(1, round(C·K)) clients are sampled each round."""
         return max(1, round(self.client_fraction * self.num_clients))
+
+    @property
+    def num_rounds(self) -> int:
+        """Communication rounds: the workload's ``num_steps`` over E."""
+        return self.workload.num_steps // self.local_steps
 
 
 def train(config: FedAvgConfig, group=None, *, record=report) -> dict:
@@ -94,13 +112,14 @@ def train(config: FedAvgConfig, group=None, *, record=report) -> dict:
         ``{"loss", "accuracy", "params"}`` of the final global model, the same on every rank.
     """
     rank, p = rank_and_size(config, group)
+    loss = config.workload.loss
     data, shards, model = problem(config, config.num_clients, config.classes_per_client,
                                   launcher.device())
     params = list(model.parameters())
-    optimizer = torch.optim.SGD(params, lr=config.lr)
+    optimizer = config.workload.optimizer(params)
     global_x = flat(params)
     meter = TrafficMeter(config.latency, config.bandwidth, p)
-    record(step=0, **meter.values(), **(evaluate(model, data) if rank == 0 else {}))
+    record(step=0, **meter.values(), **(evaluate(model, data, loss) if rank == 0 else {}))
     for round_ in range(1, config.num_rounds + 1):
         t0 = time.perf_counter()
         locals_ = []
@@ -119,20 +138,21 @@ def train(config: FedAvgConfig, group=None, *, record=report) -> dict:
             values["divergence"] = torch.stack([(x - global_x).pow(2).sum()
                                                 for x in locals_]).mean().item()
         if rank == 0:
-            values.update(evaluate(model, data))
+            values.update(evaluate(model, data, loss))
         record(step=round_, **values)
-    return {**evaluate(model, data), "params": global_x.tolist()}
+    return {**evaluate(model, data, loss), "params": global_x.tolist()}
 
 
 def reference(config: FedAvgConfig) -> tuple[list[float], list[float]]:
     """Single-process FedAvg, every client in turn: (global training loss after each round,
     from round 0; final parameters). :func:`train` must equal it on any world size."""
+    loss = config.workload.loss
     with one_thread():
         data, shards, model = problem(config, config.num_clients, config.classes_per_client)
         params = list(model.parameters())
-        optimizer = torch.optim.SGD(params, lr=config.lr)
+        optimizer = config.workload.optimizer(params)
         global_x = flat(params)
-        losses = [evaluate(model, data)["loss"]]
+        losses = [evaluate(model, data, loss)["loss"]]
         for round_ in range(1, config.num_rounds + 1):
             clients = _sampled(config, round_)
             xs = torch.stack([_local_update(model, optimizer, global_x, data, shards[k],
@@ -140,14 +160,14 @@ def reference(config: FedAvgConfig) -> tuple[list[float], list[float]]:
             weights = torch.tensor([float(len(shards[k])) for k in clients])       # (S,)
             global_x = (xs * weights[:, None]).sum(0) / weights.sum()
             assign(params, global_x)
-            losses.append(evaluate(model, data)["loss"])
+            losses.append(evaluate(model, data, loss)["loss"])
         return losses, global_x.tolist()
 
 
 def start(config: FedAvgConfig, **launch) -> launcher.Run:
     """Start :func:`train` on ``config.world_size`` processes and return the
     :class:`~distlab.Run` at once; ``launch`` goes to :func:`distlab.launcher.start`."""
-    return launcher.start(train, config.world_size, config, **launch)
+    return launcher.start(train, config.world_size, with_data(config), **launch)
 
 
 def run(config: FedAvgConfig, **launch) -> list[dict]:
@@ -157,21 +177,21 @@ def run(config: FedAvgConfig, **launch) -> list[dict]:
 
 def _sampled(config: FedAvgConfig, round_: int) -> list[int]:
     """The clients of this round, the same on every rank (seeded by the round)."""
-    g = torch.Generator().manual_seed(config.seed * 7919 + round_)
+    g = torch.Generator().manual_seed(config.workload.seed * 7919 + round_)
     return sorted(torch.randperm(config.num_clients, generator=g)[: config.clients_per_round]
                   .tolist())
 
 
 def _local_update(model, optimizer, global_x, data, shard, config, round_, client):
     """Client ``client``'s E SGD steps from the global model: its new flat parameters."""
-    params = list(model.parameters())
+    workload, params = config.workload, list(model.parameters())
     assign(params, global_x)
-    batches = sample_batches(shard, config.batch_size,
-                             seed=(config.seed * 1000 + round_) * 1000 + client)
+    batches = sample_batches(shard, workload.batch_size // config.clients_per_round,
+                             seed=(workload.seed * 1000 + round_) * 1000 + client)
     for _ in range(config.local_steps):
-        idx = next(batches)
+        idx = next(batches)                           # (batch_size / clients_per_round,)
         optimizer.zero_grad()
-        F.cross_entropy(model(data.X[idx]), data.y[idx]).backward()
+        workload.loss(model(data.X[idx]), data.y[idx]).backward()
         optimizer.step()
     return flat(params)
 

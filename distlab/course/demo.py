@@ -10,9 +10,12 @@ def demo(out: str, num_steps: int, straggler: float) -> dict:
     """Run the sync-vs-async comparison and write the report to ``out``; return a summary."""
     import plotly.express as px
 
+    from dataclasses import replace
+
     from distlab.asynchronous import parameter_server as ps
-    base = dict(num_workers=4, problem="linear_regression", lr=0.05, num_steps=num_steps,
-                batch_size=32, step_time=0.02, slowdown=(straggler,), seed=0)
+    from distlab.problems.convex import WORKLOAD
+    workload = replace(WORKLOAD, lr=0.05, num_steps=num_steps, batch_size=32, seed=0)
+    base = dict(workload=workload, num_workers=4, step_time=0.02, slowdown=(straggler,))
     runs = {"synchronous (BSP, staleness 0)": ps.ParameterServerConfig(staleness=0, **base),
             "asynchronous (no staleness bound)": ps.ParameterServerConfig(staleness=None,
                                                                           **base)}

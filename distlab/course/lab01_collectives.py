@@ -30,7 +30,7 @@ from distlab.metrics import report
 class SweepConfig:
     """One run of the lab 01 panel: an all-reduce timed over growing message sizes."""
     algorithm: str = "ring"
-    """One of ``distlab.communication.collectives.ALL_REDUCES``: ring, recursive_doubling, naive, gloo."""
+    """One of ``collectives.ALL_REDUCES``: ring, recursive_doubling, naive, gloo."""
     max_nbytes: int = MIB
     """The largest message, 4 KiB to 64 MiB; the sweep goes 4 KiB, 16 KiB, ... up to it."""
     repeats: int = 3
@@ -65,7 +65,7 @@ def sweep(config: SweepConfig, group=None) -> None:
     fn = ALL_REDUCES[config.algorithm]
     for step, nbytes in enumerate(config.sizes):
         comm.ledger().reset()
-        fn(torch.ones(nbytes // 4), group, check=False)        # one call, for its bytes
+        fn(torch.ones(nbytes // 4), group, check=False)        # (nbytes/4,) float32: its bytes
         sent = comm.ledger().by_op().get("send", {}).get("bytes_sent", 0)
         if config.algorithm == "gloo":                         # booked by the ledger's model
             sent = comm.ledger().totals()["bytes_sent"]
@@ -157,6 +157,7 @@ def figure_timeline(trace: list[dict]):
     it sent and labelled with the receiver.
     """
     t0 = min(e["start"] for e in trace)
+    num_ranks = len({e["rank"] for e in trace})
     fig = go.Figure()
     for chunk in sorted({e["chunk"] for e in trace}):
         evs = [e for e in trace if e["chunk"] == chunk]
@@ -168,5 +169,5 @@ def figure_timeline(trace: list[dict]):
             hovertemplate="%{text}<br>%{base:.2f} ms + %{x:.2f} ms<extra></extra>")
     fig.update_layout(barmode="overlay", title="one ring all-reduce, step by step",
                       xaxis_title="time since the first send (ms)", template="plotly_white",
-                      yaxis=dict(autorange="reversed"), height=80 + 50 * len({e["rank"] for e in trace}))
+                      yaxis=dict(autorange="reversed"), height=80 + 50 * num_ranks)
     return fig

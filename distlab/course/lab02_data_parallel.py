@@ -1,8 +1,10 @@
-"""Lab 02's runs: the panel's start function, the timeline runs and the weak-scaling sweep.
+"""Lab 02's runs: the timeline runs and the weak-scaling sweep.
 
 The algorithms are in :mod:`distlab.data_parallel` (``ddp``: naive to bucketed DDP;
-``sync_sgd``: the training loop and its single-process reference); this module only starts
-them, measures them and draws them.
+``sync_sgd``: the training loop and its single-process reference); this module only runs
+them, measures them and draws them. The lab's panel needs no adapter here: it is
+``RunPanel(controls, sync_sgd.start, figures, config=base)``, its controls the config's
+fields (``world_size``, ``variant``, ...) and its workload's (``lr``, ``batch_size``).
 """
 from __future__ import annotations
 
@@ -14,22 +16,7 @@ import plotly.express as px
 from distlab.data_parallel import sync_sgd
 from distlab.data_parallel.sync_sgd import SyncSGDConfig
 from distlab.checks import is_int
-from distlab.launcher import MAX_WORLD_SIZE, Run
-
-
-def start_run(config: SyncSGDConfig | None = None, *, on_metrics=None, on_output=None,
-              timeout: float | None = 120.0, **fields) -> Run:
-    """Start :func:`~distlab.data_parallel.sync_sgd.train` and return the Run at once.
-
-    Args:
-        config: the run (default: ``SyncSGDConfig()``).
-        on_metrics, on_output, timeout: as for :func:`distlab.start`.
-        **fields: config fields to change first, e.g. ``world_size=4`` (validated here,
-            before any process starts). So ``functools.partial(start_run, config)`` is a
-            :class:`~distlab.ui.panel.RunPanel` start function whose controls are fields.
-    """
-    config = replace(config or SyncSGDConfig(), **fields)
-    return sync_sgd.start(config, on_metrics=on_metrics, on_output=on_output, timeout=timeout)
+from distlab.launcher import MAX_WORLD_SIZE
 
 
 def timeline(config: SyncSGDConfig, steps: int = 3, **fields) -> list[dict]:
@@ -55,7 +42,8 @@ def all_reduces_during_backward(events: list[dict]) -> int:
 def scaling_sweep(config: SyncSGDConfig, nodes=(1, 2, 4), figure=None) -> pd.DataFrame:
     """Weak scaling: ``config`` on each number of ``nodes``, with and without LR scaling.
 
-    The per-node batch stays ``config.batch_size``. With ``figure`` (a
+    The per-node batch stays ``config``'s share, ``B = workload.batch_size / world_size``, so
+    the run on ``n`` nodes has a global batch of ``n * B``. With ``figure`` (a
     :class:`~distlab.ui.figures.LiveFigure`), each run's held-out loss is added to it.
 
     Returns:
@@ -67,20 +55,23 @@ def scaling_sweep(config: SyncSGDConfig, nodes=(1, 2, 4), figure=None) -> pd.Dat
     if not (nodes and all(is_int(n) and 1 <= n <= MAX_WORLD_SIZE for n in nodes)):
         raise ValueError(f"scaling_sweep: nodes={nodes!r} is out of range; allowed ints in "
                          f"1..{MAX_WORLD_SIZE}, at least one")
+    per_node = config.workload.batch_size // config.world_size
     rows = []
     for n in nodes:
+        workload = replace(config.workload, batch_size=n * per_node)
         for lr_scaling in ((False,) if n == 1 else (False, True)):
-            run = start_run(config, world_size=n, lr_scaling=lr_scaling)
+            run = sync_sgd.start(replace(config, workload=workload, world_size=n,
+                                         lr_scaling=lr_scaling), timeout=120)
             out = run.result()
             if figure is not None:
                 figure.add_frame(run.metrics().dropna(subset=["val_loss"]),
                                  f"{n} nodes" + (", LR scaling" if lr_scaling else ""))
-            step_time = max(o["wall_time"] for o in out) / config.num_steps
+            step_time = max(o["wall_time"] for o in out) / workload.num_steps
             rows.append({"nodes": n, "lr_scaling": lr_scaling, "step_time_ms": 1e3 * step_time,
-                         "examples_per_s": n * config.batch_size / step_time,
+                         "examples_per_s": workload.batch_size / step_time,
                          "val_loss": out[0]["final"]["val_loss"],
                          "accuracy": out[0]["final"].get("accuracy"),
-                         "bytes_per_step": out[1 % n]["final"]["bytes_sent"] / config.num_steps})
+                         "bytes_per_step": out[1 % n]["final"]["bytes_sent"] / workload.num_steps})
     sweep = pd.DataFrame(rows)
     one_node = sweep.loc[sweep.nodes == min(nodes), "step_time_ms"].iloc[0]
     sweep["efficiency"] = one_node / sweep["step_time_ms"]

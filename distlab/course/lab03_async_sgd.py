@@ -1,7 +1,10 @@
-"""Lab 03's runs: every mode behind one start function, the simulated sweep, and the figures.
+"""Lab 03's glue: the panels' choices and legends, the simulated sweep, and the figures.
 
-:func:`start_mode` starts one run of the panel (the parameter server in BSP, SSP or async
-mode, Hogwild!, or the simulated mode) and :func:`run_name` names it in the legend.
+Each of the lab's panels is a :class:`~distlab.ui.panel.RunPanel` over one algorithm's own
+``start`` and config (the parameter server, the simulated mode, Hogwild!); what is here is
+only what a config cannot say itself. :class:`BoundChoice` offers the staleness bounds,
+"async" (``staleness=None``) among them, :data:`BOUNDS` and :data:`STRAGGLERS` are its and the
+straggler's choices, :func:`run_name` and :func:`simulated_name` name a run in the legend.
 :func:`sweep` is the simulated grid of staleness x learning rate, :func:`sweep_heatmap` its
 figure; :func:`staleness_histogram` and :func:`throughput_figure` read the measured
 ``staleness`` rows that the parameter server reports, one per gradient it applies.
@@ -10,75 +13,77 @@ from __future__ import annotations
 
 import math
 
+import ipywidgets as W
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import traitlets
 
-from distlab.asynchronous import hogwild
-from distlab.asynchronous import parameter_server as ps
 from distlab.asynchronous import simulated_staleness as simulated
-from distlab.checks import is_int, is_number
+from distlab.ui.panel import configure
 
-MODES = ("sync", "SSP", "async", "Hogwild", "simulated")
+BOUNDS = [("sync (BSP, s=0)", 0), ("SSP s=1", 1), ("SSP s=2", 2), ("SSP s=4", 4),
+          ("async (no bound)", None)]
+"""The parameter server's ``staleness`` choices: ``(label, bound)``."""
+STRAGGLERS = [("none", ()), ("worker 0 ×2", (2.0,)), ("worker 0 ×3", (3.0,)),
+              ("worker 0 ×5", (5.0,))]
+"""The parameter server's ``slowdown`` choices: worker 0 that many times slower."""
 
 
-def start_mode(mode: str, workers: int = 3, staleness: int = 2, lr: float = 0.1,
-               staleness_aware: bool = False, straggler: float = 1.0, num_steps: int = 200,
-               target_loss: float | None = None, step_time: float = 0.01, on_metrics=None,
-               on_output=None, timeout: float | None = 300):
-    """Start one run of lab 03 (non-blocking) and return its :class:`distlab.Run`.
+class BoundChoice(W.Dropdown):
+    """A dropdown of :data:`BOUNDS` whose "async" choice (``None``) stays selected.
 
-    ``mode``: ``"sync"`` (parameter server, BSP), ``"SSP"`` (bound ``staleness``),
-    ``"async"`` (no bound), ``"Hogwild"`` (shared memory, sparse logistic regression) or
-    ``"simulated"`` (one process, delay ``staleness``:
-    :func:`~distlab.asynchronous.simulated_staleness.simulate`). The last of the ``workers``
-    is slowed down ``straggler`` times; ``step_time`` is each gradient's simulated compute,
-    so that a straggler is visible on a 2-core machine.
+    ipywidgets reads a value of None as "nothing selected" and would clear the choice; the
+    parameter server's fully asynchronous mode is exactly ``staleness=None``.
     """
-    _check_mode_arguments(mode, workers, staleness, lr, staleness_aware, straggler,
-                          num_steps, target_loss, step_time)
-    launch = dict(on_metrics=on_metrics, on_output=on_output, timeout=timeout)
-    if mode == "simulated":
-        return simulated.start(simulated.SimulatedStalenessConfig(
-            staleness=staleness, lr=lr, num_steps=num_steps, staleness_aware=staleness_aware),
-            **launch)
-    if mode == "Hogwild":
-        return hogwild.start(hogwild.HogwildConfig(num_workers=workers, lr=lr,
-                                                   num_steps=20 * num_steps,
-                                                   eval_every=max(1, num_steps // 5)), **launch)
-    bound = {"sync": 0, "SSP": staleness, "async": None}[mode]
-    return ps.start(ps.ParameterServerConfig(
-        num_workers=workers, staleness=bound, lr=lr, num_steps=num_steps,
-        staleness_aware=staleness_aware, slowdown=(1.0,) * (workers - 1) + (straggler,),
-        step_time=step_time, target_loss=target_loss), **launch)
+
+    def __init__(self, value=None, description="staleness", **kwargs):
+        super().__init__(options=BOUNDS, value=value, description=description, **kwargs)
+
+    @traitlets.observe("value")
+    def _propagate_value(self, change):
+        if change.new is None:
+            self.index = self._options_values.index(None)
+            return
+        super()._propagate_value(change)
 
 
 def run_name(values: dict) -> str:
-    """A short legend entry for the panel's values: ``"async · 3 workers · lr=0.1"``."""
-    mode = values["mode"]
-    parts = [mode if mode != "SSP" else f"SSP s={values['staleness']}"]
-    if mode == "simulated":
-        parts = [f"simulated τ={values['staleness']}"]
-    else:
-        parts.append(f"{values['workers']} workers")
-    parts.append(f"lr={values['lr']:g}")
-    if values.get("staleness_aware") and mode not in ("sync", "Hogwild"):
+    """A parameter-server run's legend entry: ``"async · 3 workers · lr=0.1 · straggler ×3"``."""
+    s = values["staleness"]
+    parts = ["sync" if s == 0 else "async" if s is None else f"SSP s={s}",
+             f"{values['num_workers']} workers", f"lr={values['lr']:g}"]
+    if values.get("staleness_aware") and s != 0:
         parts.append("lr/τ")
-    if values.get("straggler", 1) > 1 and mode in ("sync", "SSP", "async"):
-        parts.append(f"straggler ×{values['straggler']:g}")
+    slowest = max(values.get("slowdown", ()), default=1)
+    if slowest > 1:
+        parts.append(f"straggler ×{slowest:g}")
     return " · ".join(parts)
 
 
-def sweep(staleness_values, lrs, **config_kwargs) -> pd.DataFrame:
+def simulated_name(values: dict) -> str:
+    """A simulated run's legend entry: ``"simulated τ=8 · lr=0.5 · lr/τ"``."""
+    parts = [f"simulated τ={values['staleness']}"]
+    if values.get("distribution", "fixed") != "fixed":
+        parts[0] += f" ({values['distribution']})"
+    parts.append(f"lr={values['lr']:g}")
+    if values.get("staleness_aware"):
+        parts.append("lr/τ")
+    return " · ".join(parts)
+
+
+def sweep(staleness_values, lrs, **settings) -> pd.DataFrame:
     """Final loss over a grid of ``staleness x lr`` (simulated): a tidy frame for a heatmap.
 
-    Diverged runs get ``loss = inf``. Columns: ``staleness, lr, loss, diverged``.
+    ``settings`` set fields of the :class:`SimulatedStalenessConfig` or of its workload by
+    name (``num_steps=60``). Diverged runs get ``loss = inf``. Columns: ``staleness, lr,
+    diverged, loss``.
     """
+    base = configure(simulated.SimulatedStalenessConfig(), settings)
     rows = []
     for s in staleness_values:
         for lr in lrs:
-            r = simulated.simulate(simulated.SimulatedStalenessConfig(staleness=s, lr=lr,
-                                                                      **config_kwargs))
+            r = simulated.simulate(configure(base, {"staleness": s, "lr": lr}))
             rows.append({"staleness": s, "lr": lr, "diverged": r.diverged is not None,
                          "loss": math.inf if r.diverged else r.final_loss})
     return pd.DataFrame(rows, columns=["staleness", "lr", "diverged", "loss"])
@@ -133,24 +138,3 @@ def sweep_heatmap(df: pd.DataFrame) -> go.Figure:
                      layout=dict(title="final loss (simulated): staleness x learning rate",
                                  xaxis_title="lr", yaxis_title="staleness τ (updates)",
                                  template="plotly_white", height=380))
-
-
-def _check_mode_arguments(mode, workers, staleness, lr, staleness_aware, straggler,
-                          num_steps, target_loss, step_time) -> None:
-    """Refuse bad panel values by their own names, before any process starts."""
-    checks = [
-        ("mode", mode, mode in MODES, f"one of {MODES}"),
-        ("workers", workers, is_int(workers) and 1 <= workers <= 16, "1..16"),
-        ("staleness", staleness, is_int(staleness) and 0 <= staleness <= 1000, "0..1000"),
-        ("lr", lr, is_number(lr) and lr > 0, "a number > 0"),
-        ("staleness_aware", staleness_aware, isinstance(staleness_aware, bool),
-         "True or False"),
-        ("straggler", straggler, is_number(straggler) and 1 <= straggler <= 100, "1..100"),
-        ("num_steps", num_steps, is_int(num_steps) and 1 <= num_steps <= 10**5, "1..1e5"),
-        ("target_loss", target_loss, target_loss is None or is_number(target_loss),
-         "a number or None"),
-        ("step_time", step_time, is_number(step_time) and 0 <= step_time <= 1, "0..1 s"),
-    ]
-    for name, value, ok, allowed in checks:
-        if not ok:
-            raise ValueError(f"start_mode: {name}={value!r} is out of range; allowed {allowed}")

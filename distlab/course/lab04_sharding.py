@@ -5,7 +5,9 @@ loop (forward, ``backward()``, ``step()``) trains all four. A :class:`ZeroConfig
 the shared :class:`~distlab.problems.workloads.Workload` (the MLP on the digits, or the tiny
 transformer) with a stage, an optimizer and a world size; the verbs are distlab's:
 :func:`train` runs on each rank, :func:`reference` is the one-process run it must equal,
-:func:`start` returns a :class:`~distlab.Run` and :func:`run` waits for it.
+:func:`start` returns a :class:`~distlab.Run` and :func:`run` waits for it; the lab's
+:class:`~distlab.ui.panel.RunPanel` calls :func:`start` with a :class:`ZeroConfig` whose
+fields (and its workload's) the controls set by name.
 :func:`sweep` measures memory and bytes per step for each stage and world size, beside the
 formulas of :mod:`distlab.sharding.memory`.
 """
@@ -86,14 +88,6 @@ class ZeroConfig:
                 "rank's mean loss has the same weight")
 
 
-def lab_config(world_size: int = 4, stage: int = 1, optimizer: str = "adam",
-               **workload) -> ZeroConfig:
-    """A :class:`ZeroConfig` from flat settings: ``workload`` holds Workload fields
-    (``hidden=64, num_steps=30, lr=0.01``... with lab 04's defaults lr=0.01, 30 steps)."""
-    return ZeroConfig(stage=stage, optimizer=optimizer, world_size=world_size,
-                      workload=Workload(**{"lr": 0.01, "num_steps": 30, **workload}))
-
-
 def train(config: ZeroConfig, group=None) -> dict:
     """Train on every rank; report loss and bytes sent per step; return params and memory."""
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
@@ -101,6 +95,7 @@ def train(config: ZeroConfig, group=None) -> dict:
     model, opt = make_stage(config.stage, wl.build_model(), config.optimizer, group, wl.lr)
     comm.ledger().reset()
     for step, (X, y) in enumerate(wl.batches()):
+        # This rank's rows of the global batch: X (B, ...) -> (B/N, ...), y (B,) -> (B/N,).
         loss = wl.loss(model(X.chunk(world_size)[rank]), y.chunk(world_size)[rank])
         opt.zero_grad()
         loss.backward()
@@ -136,15 +131,9 @@ def run(config: ZeroConfig, **launch) -> list[dict]:
     return start(config, **launch).result()
 
 
-def start_training(world_size: int = 4, stage: int = 1, optimizer: str = "adam",
-                   hidden: int = 64, on_metrics=None, on_output=None, **workload) -> launcher.Run:
-    """The RunPanel's adapter: :func:`start` of :func:`lab_config` (validated first)."""
-    return start(lab_config(world_size, stage, optimizer, hidden=hidden, **workload),
-                 on_metrics=on_metrics, on_output=on_output)
-
-
 def _flat(state: dict) -> torch.Tensor:
-    return torch.cat([v.detach().reshape(-1).float() for v in state.values()])
+    """Every tensor of ``state`` flattened, in order: ``(num_params,)`` in float32."""
+    return torch.cat([v.detach().reshape(-1).float() for v in state.values()])  # (numel,) each
 
 
 # -- the memory and communication sweep ------------------------------------------------------
@@ -193,6 +182,7 @@ def _sweep_worker(config: ZeroConfig, stages) -> list[dict]:
         for X, y in wl.batches():
             comm.ledger().reset()
             opt.zero_grad()
+            # This rank's rows, as in train: X (B, ...) -> (B/N, ...), y (B,) -> (B/N,).
             wl.loss(model(X.chunk(world_size)[rank]), y.chunk(world_size)[rank]).backward()
             opt.step()
         measured = memory.measure(model, opt)

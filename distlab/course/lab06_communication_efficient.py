@@ -1,8 +1,11 @@
-"""Lab 06's runs: the panel's start function, sweeps of several configurations in one launch,
-and the static figures of finished runs.
+"""Lab 06's runs: sweeps of several configurations in one launch, and the static figures of
+finished runs.
 
 The algorithms are in :mod:`distlab.communication_efficient` (``local_sgd``, ``fedavg``,
-``compression``, ``optimizers``); this module only starts and draws them.
+``compression``, ``optimizers``); this module only starts and draws them. The lab's panel
+needs no adapter here: its controls are
+:class:`~distlab.communication_efficient.local_sgd.LocalSGDConfig` fields, so it calls
+``local_sgd.start`` itself.
 """
 from __future__ import annotations
 
@@ -14,19 +17,10 @@ import plotly.graph_objects as go
 from distlab import launcher
 from distlab.checks import is_number, require_arg
 from distlab.communication_efficient import fedavg, local_sgd
+from distlab.communication_efficient.local_training import with_data
 from distlab.ui.figures import axis_title as _axis_title
 
 _NAMES = {"sim_time": "simulated wall time (s)", "divergence": "divergence ||x_r - x||^2"}
-
-
-def start_local_sgd(on_metrics=None, on_output=None, **settings) -> launcher.Run:
-    """Start local SGD without blocking, for a :class:`~distlab.ui.panel.RunPanel`.
-
-    ``settings`` are :class:`~distlab.communication_efficient.local_sgd.LocalSGDConfig`
-    fields; bad values raise here, before any process starts.
-    """
-    return local_sgd.start(local_sgd.LocalSGDConfig(**settings), on_metrics=on_metrics,
-                           on_output=on_output, timeout=300)
 
 
 def compare(configs: dict, timeout: float = 600) -> pd.DataFrame:
@@ -43,6 +37,7 @@ def compare(configs: dict, timeout: float = 600) -> pd.DataFrame:
     if len(sizes) != 1:
         raise ValueError(f"compare runs every configuration on the same processes; got "
                          f"world sizes {sorted(sizes)}: give them one world_size")
+    configs = {name: with_data(c) for name, c in configs.items()}   # loaded once, here
     results = launcher.launch(_run_all, sizes.pop(), configs, timeout=timeout)
     rows = [{"run": name, "rank": rank, **r} for rank, res in enumerate(results)
             for name, recs in res.items() for r in recs]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import random
 import tempfile
+from dataclasses import replace
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -44,17 +45,19 @@ def parameter_server_config(fault: Fault, num_workers: int = 3, **kwargs):
     Rank 0 is the server, rank ``r`` is worker ``r - 1``. A distlab launch ends the whole
     run when any process dies (right for synchronous training), so here the worker
     *vanishes*: it stops talking without a word, exactly what its peers see of a SIGKILLed
-    machine, and the server detects it by its silence (a heartbeat timeout).
+    machine, and the server detects it by its silence (a heartbeat timeout). ``kwargs`` set
+    fields of the config or of its workload by name (``num_steps=40``).
     """
     from distlab.asynchronous.parameter_server import ParameterServerConfig
+    from distlab.ui.panel import configure
     if fault.kind == "delay":
         raise ValueError("a delay on the parameter server is a straggler: use "
                          "ParameterServerConfig(slowdown=...) instead")
     require_arg("num_workers", num_workers, is_int(num_workers) and num_workers >= 1, "an int >= 1")
     require_arg("fault.rank", fault.rank, 1 <= fault.rank <= num_workers,
            f"a worker rank, 1..{num_workers} (rank 0 is the server)")
-    return ParameterServerConfig(num_workers=num_workers, drop_worker=fault.rank - 1,
-                                 drop_at=max(1, fault.step), **kwargs)
+    return configure(ParameterServerConfig(num_workers=num_workers, drop_worker=fault.rank - 1,
+                                           drop_at=max(1, fault.step)), kwargs)
 
 
 def start_demo(algorithm: str = "sync + elastic", fault_kind: str = "kill", fail_rank: int = 1,
@@ -75,14 +78,15 @@ def start_demo(algorithm: str = "sync + elastic", fault_kind: str = "kill", fail
     fault = Fault(fault_kind, rank=fail_rank, step=fail_step, seconds=2.0)
     if algorithm == "parameter server":
         from distlab.asynchronous import parameter_server
-        config = parameter_server_config(fault, num_workers=world_size - 1, num_steps=num_steps,
+        workload = replace(parameter_server.ParameterServerConfig().workload, num_steps=num_steps)
+        config = parameter_server_config(fault, num_workers=world_size - 1, workload=workload,
                                          step_time=step_time, worker_timeout=1.0)
         return parameter_server.start(config, timeout=60, on_metrics=on_metrics,
                                       on_output=on_output)
     config = TrainConfig(checkpoint_dir or tempfile.mkdtemp(prefix="distlab-ckpt-"),
                          algorithm="zero" if algorithm.startswith("zero") else "sync",
-                         num_steps=num_steps, checkpoint_every=checkpoint_every, fault=fault,
-                         step_time=step_time)
+                         workload=replace(elastic.WORKLOAD, num_steps=num_steps),
+                         checkpoint_every=checkpoint_every, fault=fault, step_time=step_time)
     if algorithm == "sync":     # one attempt, no agent: the failure ends the run
         return start(elastic.train, world_size, config, timeout=10, on_metrics=on_metrics,
                      on_output=on_output)
@@ -140,12 +144,14 @@ def lost_work_sweep(intervals=(2, 5, 10, 20), num_steps: int = 40, world_size: i
     require_arg("intervals", intervals, len(intervals) > 0 and all(
         is_int(i) and 1 <= i <= num_steps for i in intervals), f"ints in 1..{num_steps}")
     _check_world_size(world_size)
-    TrainConfig("", checkpoint_every=0, step_time=step_time, seed=seed)  # checks those two
+    require_arg("seed", seed, is_int(seed), "an int")
+    TrainConfig("", checkpoint_every=0, step_time=step_time)   # checks step_time
     draw = random.Random(seed)
     rows = []
     for interval in intervals:
         fail = draw.randrange(num_steps // 4, 3 * num_steps // 4)
-        config = TrainConfig(tempfile.mkdtemp(prefix="distlab-ckpt-"), num_steps=num_steps,
+        config = TrainConfig(tempfile.mkdtemp(prefix="distlab-ckpt-"),
+                             workload=replace(elastic.WORKLOAD, num_steps=num_steps),
                              checkpoint_every=interval, step_time=step_time,
                              fault=Fault("kill", rank=1, step=fail))
         run = elastic.run(config, ElasticConfig(world_size=world_size, timeout=30))

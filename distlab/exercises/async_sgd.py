@@ -9,6 +9,8 @@ replays the server's log to see whether any worker ran too far ahead.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from distlab.exercises import Verdict, launch_student, register
 
 CASES = [  # (clock, clocks of the live workers, staleness, expected)
@@ -45,9 +47,10 @@ def check_ssp_wait(student_fn, staleness: int = 1, num_workers: int = 3,
                                   f"staleness={s}) returned {got!r}, expected {expected}: {why}.")
 
     from distlab.asynchronous import parameter_server as ps
+    from distlab.problems.convex import WORKLOAD
     config = ps.ParameterServerConfig(
-        num_workers=num_workers, staleness=staleness, lr=0.02, num_steps=45,
-        step_time=0.004, slowdown=(1,) * (num_workers - 1) + (4,), wait_rule=student_fn)
+        replace(WORKLOAD, lr=0.02, num_steps=45), num_workers=num_workers,
+        staleness=staleness, step_time=0.004, slowdown=(1,) * (num_workers - 1) + (4,), wait_rule=student_fn)
     results, verdict = launch_student(
         "may_proceed", student_fn, ps.train, config.world_size, config, timeout=timeout,
         hang_hint="a rule that never lets the slowest worker go on stops every worker")

@@ -15,9 +15,9 @@ from typing import Callable
 
 import torch
 
+from distlab.checks import is_int, require_arg
 from distlab.communication import alpha_beta
-from distlab.launcher import WorkerError, launch
-from distlab.exercises import Verdict, register
+from distlab.exercises import Verdict, launch_student, register
 
 BASE = 8            # one base-8 digit per rank: exact in float32 for up to 7 ranks
 NUMEL = 12          # 3 elements per chunk on 4 ranks
@@ -30,7 +30,7 @@ def ring_all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
     from distlab import comm
     rank, p = dist.get_rank(group), dist.get_world_size(group)
     right, left = (rank + 1) % p, (rank - 1) % p
-    chunks = tensor.view(-1).tensor_split(p)          # views: writing them writes tensor
+    chunks = tensor.view(-1).tensor_split(p)          # p views (numel/p,) that write tensor
     for step in range(p - 1):                         # reduce-scatter
         send, recv = chunks[(rank - step) % p], chunks[(rank - step - 1) % p]
         incoming = torch.empty_like(recv)
@@ -72,7 +72,7 @@ def _digits(value: float, world_size: int) -> list[int] | None:
 
 def diagnose(result: torch.Tensor, rank: int, world_size: int) -> str | None:
     """None if ``result`` is the sum; else which chunk is wrong on ``rank`` and how."""
-    chunks = torch.arange(result.numel()).tensor_split(world_size)
+    chunks = torch.arange(result.numel()).tensor_split(world_size)   # each chunk's indices
     right = [c for c, idx in enumerate(chunks)
              if all(_digits(result[i].item() / (i + 1), world_size) == [1] * world_size
                     for i in idx.tolist())]
@@ -103,17 +103,16 @@ def check_ring_all_reduce(student_fn: Callable, world_size: int = 4) -> Verdict:
     Checks, in order: it finishes (no deadlock) and raises nothing; the tensor passed in holds
     the sum on every rank (else: the first wrong rank and chunk, and whose contribution is
     missing or doubled); only point-to-point messages were used; each rank sent the ring's
-    ``2(p-1)/p·n`` bytes.
+    ``2(p-1)/p·n`` bytes. ``world_size`` is 1 to 7: one base-8 digit per rank.
     """
-    if not callable(student_fn):
-        return Verdict(False, f"ring_all_reduce must be a function, got {type(student_fn).__name__}")
-    try:
-        results = launch(student_fn_runner(student_fn), world_size, timeout=30)
-    except WorkerError as e:
-        if "timed out" in e.reason:
-            return Verdict(False, "it did not finish in 30 s: a deadlock? Every isend needs "
-                                  "a matching irecv on its neighbour, posted in the same step.")
-        return Verdict(False, f"rank {e.rank} failed: {e.reason}")
+    require_arg("world_size", world_size, is_int(world_size) and 1 <= world_size < BASE,
+                f"an int in 1..{BASE - 1} (one base-{BASE} digit per rank)")
+    results, verdict = launch_student(
+        "ring_all_reduce", student_fn, _run_student, world_size, student_fn,
+        hang_hint="a deadlock? Every isend needs a matching irecv on its neighbour, posted "
+                  "in the same step.")
+    if verdict is not None:
+        return verdict
     for rank, (x, returned, _) in enumerate(results):
         problem = diagnose(x, rank, world_size)
         if problem and returned is not None and diagnose(returned, rank, world_size) is None:
@@ -136,7 +135,3 @@ def check_ring_all_reduce(student_fn: Callable, world_size: int = 4) -> Verdict:
     return Verdict(True, f"every one of {world_size} ranks holds the sum, and each sent "
                          f"{ring} bytes = 2(p-1)/p·n: a ring all-reduce")
 
-
-def student_fn_runner(student_fn: Callable):
-    """The function each rank runs: the student's ring on this rank's contribution."""
-    return lambda: _run_student(student_fn)

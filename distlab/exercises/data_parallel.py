@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distlab.checks import is_int, require_arg
-from distlab.launcher import MAX_WORLD_SIZE, WorkerError, launch
-from distlab.exercises import Verdict, register
+from distlab.launcher import MAX_WORLD_SIZE
+from distlab.exercises import Verdict, launch_student, register
 
 
 @register("average_gradients")
@@ -91,15 +91,11 @@ def check_average_gradients(student_fn: Callable, world_size: int = 3) -> Verdic
     """
     require_arg("world_size", world_size, is_int(world_size) and 1 <= world_size <= MAX_WORLD_SIZE,
                 f"an int in 1..{MAX_WORLD_SIZE}")
-    if not callable(student_fn):
-        return Verdict(False, f"average_gradients must be a function, "
-                              f"got {type(student_fn).__name__}")
-    try:
-        results = launch(_run_student, world_size, student_fn, timeout=30)
-    except WorkerError as e:
-        hint = (" If it hung, not every rank made the same collective calls in the same order."
-                if "timed out" in e.reason else "")
-        return Verdict(False, f"rank {e.rank} failed: {e.reason}.{hint}")
+    results, verdict = launch_student(
+        "average_gradients", student_fn, _run_student, world_size, student_fn, timeout=30,
+        hang_hint="not every rank made the same collective calls in the same order")
+    if verdict is not None:
+        return verdict
     model = ExerciseModel()
     local = [_local_grads(model, r, world_size) for r in range(world_size)]
     for rank, res in enumerate(results):

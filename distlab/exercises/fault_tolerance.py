@@ -15,8 +15,7 @@ from typing import Callable
 
 import torch
 
-from distlab.launcher import WorkerError, launch
-from distlab.exercises import Verdict, register
+from distlab.exercises import Verdict, launch_student, register
 
 
 @register("atomic_save")
@@ -65,6 +64,15 @@ def _save_on_a_worker(student_fn: Callable, path: str, version: int, crash: bool
     return len(calls)
 
 
+def _save(student_fn: Callable, path: str, version: int, crash: bool = False):
+    """``(fsync calls, None)`` after the student's save of checkpoint ``version`` in a real
+    process, or ``(None, verdict)`` when it was not a function, failed or was killed."""
+    results, verdict = launch_student(
+        "atomic_save", student_fn, _save_on_a_worker, 1, student_fn, path, version, crash,
+        timeout=60, hang_hint="a save must not wait for anything")
+    return (None, verdict) if verdict is not None else (results[0], None)
+
+
 def _loads_as(path: str, version: int) -> str | None:
     """None if ``path`` holds checkpoint ``version``; otherwise what is wrong with it."""
     if not os.path.exists(path):
@@ -82,29 +90,25 @@ def _loads_as(path: str, version: int) -> str | None:
 
 def check_atomic_save(student_fn: Callable) -> Verdict:
     """Save, crash in the middle of the next save, and save again; say what went wrong."""
-    if not callable(student_fn):
-        return Verdict(False, f"atomic_save must be a function, got {type(student_fn).__name__}")
     folder = tempfile.mkdtemp(prefix="distlab-atomic-")
     path = os.path.join(folder, "checkpoint.pt")
     try:
         # 1. A plain save must work.
-        try:
-            fsyncs = launch(_save_on_a_worker, 1, student_fn, path, 1, False, timeout=60)[0]
-        except WorkerError as e:
-            return Verdict(False, f"atomic_save(obj, path) failed: {e.reason}")
+        fsyncs, failed = _save(student_fn, path, 1)
+        if failed is not None:
+            return Verdict(False, f"saving checkpoint 1: {failed.message}")
         wrong = _loads_as(path, 1)
         if wrong:
             return Verdict(False, f"after atomic_save(checkpoint 1, path), {wrong}.")
         inode = os.stat(path).st_ino
 
         # 2. A crash halfway through the next save must leave checkpoint 1 intact.
-        try:
-            launch(_save_on_a_worker, 1, student_fn, path, 2, True, timeout=60)
+        _, failed = _save(student_fn, path, 2, crash=True)
+        if failed is None:
             return Verdict(False, "the save of checkpoint 2 finished although pickling it kills "
                                   "the process: atomic_save must torch.save(obj, ...) the object")
-        except WorkerError as e:
-            if "SIGKILL" not in e.reason:
-                return Verdict(False, f"saving checkpoint 2 failed before the crash: {e.reason}")
+        if "SIGKILL" not in failed.message:
+            return Verdict(False, f"saving checkpoint 2 failed before the crash: {failed.message}")
         wrong = _loads_as(path, 1)
         if wrong:
             return Verdict(False, f"the process was killed halfway through saving checkpoint 2, "
@@ -113,11 +117,12 @@ def check_atomic_save(student_fn: Callable) -> Verdict:
                                   "os.replace(tmp, path).")
 
         # 3. The next save must replace the file (a new inode), not rewrite it in place.
-        try:
-            fsyncs += launch(_save_on_a_worker, 1, student_fn, path, 3, False, timeout=60)[0]
-        except WorkerError as e:
-            return Verdict(False, f"after a crashed save, the next atomic_save failed: {e.reason} "
-                                  "(a temporary file left by the crash must not stop it)")
+        more, failed = _save(student_fn, path, 3)
+        if failed is not None:
+            return Verdict(False, f"after a crashed save, the next atomic_save failed: "
+                                  f"{failed.message} (a temporary file left by the crash must "
+                                  "not stop it)")
+        fsyncs += more
         wrong = _loads_as(path, 3)
         if wrong:
             return Verdict(False, f"after saving checkpoint 3 (following a crash), {wrong}.")

@@ -32,9 +32,9 @@ def row_parallel_forward(x_shard: torch.Tensor, weight_shard: torch.Tensor,
 
 def _problem(world_size: int):
     g = torch.Generator().manual_seed(5)
-    X = torch.randn(4, IN_FEATURES, generator=g)
-    W = torch.randn(OUT_FEATURES, IN_FEATURES, generator=g)
-    b = torch.randn(OUT_FEATURES, generator=g)
+    X = torch.randn(4, IN_FEATURES, generator=g)              # (B, in)
+    W = torch.randn(OUT_FEATURES, IN_FEATURES, generator=g)   # (out, in)
+    b = torch.randn(OUT_FEATURES, generator=g)                # (out,)
     return X, W, b
 
 
@@ -43,6 +43,7 @@ def _run_student(student_fn: Callable):
     from distlab import comm
     rank, world_size = dist.get_rank(), dist.get_world_size()
     X, W, b = _problem(world_size)
+    # This rank's columns: x (B, in/p), w (out, in/p), as a column-parallel layer leaves them.
     x, w = X.chunk(world_size, dim=1)[rank].clone(), W.chunk(world_size, dim=1)[rank].clone()
     x0, w0, b0 = x.clone(), w.clone(), b.clone()
     comm.ledger().reset()
@@ -82,8 +83,8 @@ def check_row_parallel_forward(student_fn: Callable, world_size: int = 2) -> Ver
                                   f"output is (batch, out_features) = {tuple(want.shape)}")
         if torch.allclose(y, want, atol=1e-5):
             continue
-        x = X.chunk(world_size, dim=1)[rank]
-        partial = x @ W.chunk(world_size, dim=1)[rank].T
+        x = X.chunk(world_size, dim=1)[rank]                        # (B, in/p)
+        partial = x @ W.chunk(world_size, dim=1)[rank].T            # (B, out)
         err = (y - want).abs().max().item()
         if torch.allclose(y, partial + b, atol=1e-5) or torch.allclose(y, partial, atol=1e-5):
             hint = ("that is only this rank's partial product: the ranks' partials must be "

@@ -71,7 +71,8 @@ def check_sharded_sgd_step(student_fn, world_size: int = 4) -> Verdict:
 
     ``world_size`` must divide the parameter's 24 elements, so every slice is equal.
     """
-    require_arg("world_size", world_size, is_int(world_size) and world_size >= 1 and NUMEL % world_size == 0,
+    require_arg("world_size", world_size,
+                is_int(world_size) and world_size >= 1 and NUMEL % world_size == 0,
                 f"a divisor of {NUMEL}: 1, 2, 3, 4, 6, 8, 12 or 24")
     results, verdict = launch_student(
         "sharded_sgd_step", student_fn, _worker, world_size, student_fn, timeout=60,

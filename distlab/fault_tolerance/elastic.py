@@ -18,22 +18,30 @@ PyTorch's "Torch Distributed Elastic"): :func:`start` is the same loop around
 :func:`distlab.start`. The worker, :func:`train`, is also what a restarted torchrun worker
 runs: ``python -m distlab.fault_tolerance.elastic --help``.
 
-The job trains with a fixed *global* batch whose examples are dealt to the ranks, and
-averages the gradients of each rank's share of the global batch's mean loss. Its result
-therefore does not depend on the number of ranks (up to float rounding), which is what
-makes shrinking the world harmless for the optimization: :func:`reference` is the same
-training on one process. Cost per step: one all-reduce of the gradients,
-``2·alpha·log p + 2·(p-1)/p·n·beta`` (ring), as for :mod:`distlab.data_parallel.ddp`, plus
-one of the loss for the curve (``2·alpha·log p``).
+What is trained is the config's :class:`~distlab.problems.workloads.Workload`. **How the
+global batch is split:** step ``s`` trains on the workload's ``s``-th global batch of
+``workload.batch_size`` examples (:meth:`~distlab.problems.workloads.Workload.batches`, a
+pure function of the step, so a resumed run sees exactly the batches the uninterrupted one
+would have); its examples are dealt to the ``p`` ranks in turn (rank ``r`` takes examples
+``r, r + p, ...``: any batch size and any number of ranks, a rank dealt none contributing a
+zero gradient), and the ranks average the gradients of ``p`` times their share of the
+global batch's mean loss. The result therefore does not depend on the number of ranks (up
+to float rounding), which is what makes shrinking the world harmless for the
+optimization: :func:`reference` is the same training on one process.
+
+Cost per step: one all-reduce of the gradients, ``2·alpha·log p + 2·(p-1)/p·n·beta``
+(ring), as for :mod:`distlab.data_parallel.ddp`, plus one of the loss for the curve
+(``2·alpha·log p``).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -42,15 +50,19 @@ import torch.distributed as dist
 from distlab import comm
 from distlab.checks import is_int, is_number, require
 from distlab.data_parallel.ddp import average_gradients
-from distlab.data_parallel.sync_sgd import TRAIN_SIZES, build_task
 from distlab.fault_tolerance import checkpoint
 from distlab.fault_tolerance.agent import ElasticConfig, ElasticRun
 from distlab.fault_tolerance.faults import Fault
 from distlab.metrics import report
 from distlab.problems import data
+from distlab.problems.workloads import Workload
 from distlab.sharding.zero import ShardedOptimizer
 
 ALGORITHMS = ("sync", "zero")
+MODELS = ("linear", "mlp")
+"""The workloads a job trains: rows of a data set."""
+WORKLOAD = Workload(model="linear", lr=0.05, num_steps=40)
+"""The default job: least squares, a global batch of 64, 40 steps of SGD at lr 0.05."""
 
 
 @dataclass(frozen=True)
@@ -61,14 +73,11 @@ class TrainConfig:
     """Folder for the checkpoints, shared by the ranks (``""``: no checkpoints)."""
     algorithm: str = "sync"
     """``"sync"``: a replicated ``torch.optim.SGD``; ``"zero"``: one sharded over the ranks."""
-    task: str = "linear"
-    """What to train, as in :func:`distlab.data_parallel.sync_sgd.build_task`: ``"linear"`` or ``"digits"``."""
-    num_steps: int = 40
-    """Total optimizer steps of the job, across restarts."""
-    batch_size: int = 64
-    """Global batch size, dealt to the ranks (so the result does not depend on their number)."""
-    lr: float = 0.05
-    """Learning rate of SGD with momentum."""
+    workload: Workload = WORKLOAD
+    """What is trained (``model`` "linear" or "mlp"); ``num_steps`` counts the job's steps
+    across restarts, ``batch_size`` is the global batch dealt to the ranks (so the result does
+    not depend on their number), ``lr`` the rate of SGD with momentum, ``seed`` seeds the
+    data, the model and every rank's RNGs."""
     momentum: float = 0.9
     """Momentum: optimizer state that a checkpoint must keep for an exact resume."""
     checkpoint_every: int = 10
@@ -79,22 +88,20 @@ class TrainConfig:
     """Std of Gaussian input noise drawn from each rank's RNG (0: none): makes RNG state matter."""
     fault: Fault | None = None
     """The failure to inject, or None."""
-    seed: int = 0
-    """Seed of the data, the model and the RNGs."""
     step_time: float = 0.0
     """Extra seconds of "compute" per step, so lost work is visible on a fast toy problem."""
 
     def __post_init__(self):
         require(self, "checkpoint_dir", isinstance(self.checkpoint_dir, str), "a folder name")
         require(self, "algorithm", self.algorithm in ALGORITHMS, f"one of {ALGORITHMS}")
-        require(self, "task", self.task in TRAIN_SIZES, f"one of {sorted(TRAIN_SIZES)}")
-        n = TRAIN_SIZES.get(self.task)
-        require(self, "batch_size", is_int(self.batch_size) and 1 <= self.batch_size <= n,
-                f"an int in 1..{n} (the examples of task={self.task!r})")
-        for name, low in (("num_steps", 1), ("checkpoint_every", 0), ("keep", 1), ("seed", 0)):
+        require(self, "workload", isinstance(self.workload, Workload)
+                and self.workload.model in MODELS,
+                f"a distlab.problems.workloads.Workload with model in {MODELS}")
+        require(self, "workload", is_int(self.workload.seed) and self.workload.seed >= 0,
+                "a workload whose seed is an int >= 0 (it seeds every rank's RNGs)")
+        for name, low in (("checkpoint_every", 0), ("keep", 1)):
             v = getattr(self, name)
             require(self, name, is_int(v) and v >= low, f"an int >= {low}")
-        require(self, "lr", is_number(self.lr) and self.lr > 0, "a number > 0")
         for name in ("noise", "step_time"):
             v = getattr(self, name)
             require(self, name, is_number(v) and v >= 0, "a number >= 0")
@@ -112,6 +119,7 @@ def start(config: TrainConfig, elastic: ElasticConfig | None = None, *, on_metri
     which restarts the job from its latest checkpoint after each failure."""
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    config = replace(config, workload=config.workload.loaded())   # loaded once, for every attempt
     return ElasticRun(train, config, elastic or ElasticConfig(), on_metrics, on_output, name)
 
 
@@ -141,29 +149,32 @@ def train(config: TrainConfig, group=None, *, attempt: int = 0) -> dict:
         ``{"params": the final flat parameters, "history": [(step, loss)], "start_step"}``.
     """
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
-    task = build_task(config.task, config.seed)
-    ds, model = task.dataset, task.model
+    workload = config.workload.loaded()
+    model = workload.build_model()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, config, group)
-    torch.manual_seed(config.seed + rank)
-    random.seed(config.seed + rank)
-    np.random.seed(config.seed + rank)
+    seed = workload.seed + rank
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
     start_step, history = _resume(config, model, optimizer, rank, world_size, attempt)
 
-    for step in range(start_step, config.num_steps):
+    batches = itertools.islice(workload.batches(), start_step, None)
+    for step, (X_all, y_all) in zip(range(start_step, workload.num_steps), batches):
         _fail_if_due(config, rank, step, "step", attempt)
         t = time.perf_counter()
-        batch = global_batch(len(ds.y), step, config.batch_size, config.seed)
-        mine = batch[data.shard_indices(len(batch), rank, world_size, shuffle=False)]
-        X = ds.X[mine]
+        mine = data.shard_indices(len(y_all), rank, world_size, shuffle=False)   # dealt in turn
+        X, y = X_all[mine], y_all[mine]
         if config.noise:
             X = X + config.noise * torch.randn_like(X)
+        optimizer.zero_grad()
         # My examples' share of the global batch's mean loss: the shares add up to it, so
         # world_size * share averaged over the ranks is the global mean, however the batch
         # was dealt (a rank with no example has no gradient, which counts as zeros).
-        share = task.loss_fn(model(X), ds.y[mine], reduction="sum") / len(batch)
-        optimizer.zero_grad()
-        (share * world_size).backward()
+        share = torch.zeros(())
+        if len(y):
+            share = workload.loss(model(X), y) * (len(y) / len(y_all))
+            (share * world_size).backward()
         average_gradients(params, group)
         optimizer.step()
         loss = share.detach().clone()
@@ -175,14 +186,14 @@ def train(config: TrainConfig, group=None, *, attempt: int = 0) -> dict:
 
         done = step + 1
         if config.checkpoint_every and done % config.checkpoint_every == 0:
-            _save(config, done, model, optimizer, history, len(ds.y), group, attempt)
+            _save(config, done, model, optimizer, history, group, attempt)
     return {"params": torch.nn.utils.parameters_to_vector(model.parameters()).detach(),
             "history": history, "start_step": start_step}
 
 
 def reference(config: TrainConfig) -> dict:
     """The same job on one process without a group: ``torch.optim.SGD`` with momentum on the
-    mean loss of each global batch, with no checkpoint and no fault.
+    mean loss of each of the workload's global batches, with no checkpoint and no fault.
 
     :func:`train` equals it on any number of ranks to float rounding (the gradient is
     summed in another order), and a resumed run equals it too. With ``noise > 0`` every
@@ -191,17 +202,15 @@ def reference(config: TrainConfig) -> dict:
     Returns:
         ``{"params": the final flat parameters, "history": [(step, loss)]}``.
     """
-    task = build_task(config.task, config.seed)
-    model, ds = task.model, task.dataset
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
-    torch.manual_seed(config.seed)
+    workload = config.workload.loaded()
+    model = workload.build_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=workload.lr, momentum=config.momentum)
+    torch.manual_seed(workload.seed)
     history = []
-    for step in range(config.num_steps):
-        idx = global_batch(len(ds.y), step, config.batch_size, config.seed)
-        X = ds.X[idx]
+    for step, (X, y) in enumerate(workload.batches()):
         if config.noise:
             X = X + config.noise * torch.randn_like(X)
-        loss = task.loss_fn(model(X), ds.y[idx])
+        loss = workload.loss(model(X), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -210,28 +219,15 @@ def reference(config: TrainConfig) -> dict:
             "history": history}
 
 
-def global_batch(n: int, step: int, batch_size: int, seed: int) -> torch.Tensor:
-    """The examples of ``step``: the sampler position is a pure function of the step, so a
-    resumed run sees exactly the batches the uninterrupted one would have."""
-    for name, value, low in (("n", n, 1), ("step", step, 0), ("batch_size", batch_size, 1),
-                             ("seed", seed, 0)):
-        if not (is_int(value) and value >= low):
-            raise ValueError(f"{name}={value!r} is out of range; allowed an int >= {low}")
-    per_epoch = max(1, n // batch_size)
-    epoch, k = divmod(step, per_epoch)
-    order = data.shard_indices(n, 0, 1, epoch=epoch, seed=seed)   # the epoch's permutation
-    return order[k * batch_size:(k + 1) * batch_size]
-
-
 # ----------------------------------------------------------------------------------------
 # Helpers of train: the optimizer, the resume, the save, the fault.
 # ----------------------------------------------------------------------------------------
 
 def _optimizer(params, config: TrainConfig, group):
     if config.algorithm == "zero":   # gradients arrive averaged: ZeRO stage 1's step alone
-        return ShardedOptimizer(params, torch.optim.SGD, group=group, lr=config.lr,
+        return ShardedOptimizer(params, torch.optim.SGD, group=group, lr=config.workload.lr,
                                 momentum=config.momentum)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+    return torch.optim.SGD(params, lr=config.workload.lr, momentum=config.momentum)
 
 
 def _resume(config: TrainConfig, model, optimizer, rank: int, world_size: int,
@@ -250,7 +246,7 @@ def _resume(config: TrainConfig, model, optimizer, rank: int, world_size: int,
     return start_step, history
 
 
-def _save(config: TrainConfig, done: int, model, optimizer, history: list, n: int, group,
+def _save(config: TrainConfig, done: int, model, optimizer, history: list, group,
           attempt: int) -> None:
     """Checkpoint after ``done`` steps (collective: every rank calls it)."""
     t = time.perf_counter()
@@ -261,7 +257,7 @@ def _save(config: TrainConfig, done: int, model, optimizer, history: list, n: in
     else:
         optimizer_state = optimizer.state_dict()
     state = {"model": model.state_dict(), "optimizer": optimizer_state, "history": history,
-             "sampler": {"epoch": done // max(1, n // config.batch_size), "step": done}}
+             "sampler": {"step": done}}   # the data position: a batch is a function of its step
     checkpoint.save(config.checkpoint_dir, done, state if rank == 0 else None,
                     {"rng": checkpoint.capture_rng()}, group=group, keep=config.keep,
                     on_half_written=lambda: _fail_if_due(config, rank, done, "save", attempt))
@@ -290,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m distlab.fault_tolerance.elastic",
                                  description=main.__doc__)
     ap.add_argument("--checkpoint-dir", required=True)
-    ap.add_argument("--task", default="linear")
+    ap.add_argument("--model", default="linear", choices=MODELS)
     ap.add_argument("--algorithm", default="sync")
     ap.add_argument("--num-steps", type=int, default=40)
     ap.add_argument("--checkpoint-every", type=int, default=10)
@@ -301,9 +297,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.fault:
         kind, rank, step = args.fault.split(":")
         fault = Fault(kind, rank=int(rank), step=int(step))
-    config = TrainConfig(args.checkpoint_dir, algorithm=args.algorithm, task=args.task,
-                         num_steps=args.num_steps, checkpoint_every=args.checkpoint_every,
-                         fault=fault)
+    config = TrainConfig(args.checkpoint_dir, algorithm=args.algorithm,
+                         workload=replace(WORKLOAD, model=args.model, num_steps=args.num_steps),
+                         checkpoint_every=args.checkpoint_every, fault=fault)
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # The agent's store outlives a restart, and gloo would find the addresses of the

@@ -1,20 +1,19 @@
-"""The small problems lab 03's asynchronous methods train, built the same on every rank.
+"""What lab 03's asynchronous methods need beyond the shared :class:`Workload`.
 
-A parameter server stores and ships the model as one flat vector, so everything here works
-on flat parameters: :func:`build` gives ``(model, dataset, loss_fn)`` from a seed, and
-:func:`flat_gradient` the loss and the gradient ``(P,)`` at a given flat vector, :func:`loss_at`
-the loss alone.
+What they train is a :class:`~distlab.problems.workloads.Workload` like everywhere else
+(:data:`WORKLOAD`: least-squares linear regression; ``model="mlp"``, ``depth=1`` for the
+digits). But a parameter server stores and ships the model as one flat vector, and a stale
+gradient is taken at parameters other than the model's current ones, so the algorithms work
+on flat parameters: :func:`flat_gradient` gives the loss and the gradient ``(P,)`` at a given
+flat vector, :func:`loss_at` the loss alone.
 
-* ``"linear_regression"`` - ``nn.Linear`` on :func:`distlab.problems.data.linear_regression`,
-  mean squared error: convex, with a known answer.
-* ``"digits"`` - a one-hidden-layer MLP on the 8x8 digits, cross-entropy (not convex, but
-  small enough for a parameter server on a laptop).
-* :func:`sparse_logistic` - Hogwild!'s problem: logistic regression on sparse examples, each
-  touching ``nnz`` of ``num_features`` coordinates (convex).
+Hogwild!'s problem is **not** a Workload: :func:`sparse_logistic` is logistic regression on
+sparse examples, each touching ``nnz`` of ``num_features`` coordinates (convex), trained with
+hand-written single-example updates on a shared vector, with no ``nn.Module`` and no batches.
 
 The parameter server (:mod:`distlab.asynchronous.parameter_server`), Hogwild!
 (:mod:`distlab.asynchronous.hogwild`) and the simulated mode
-(:mod:`distlab.asynchronous.simulated_staleness`) train these.
+(:mod:`distlab.asynchronous.simulated_staleness`) use these.
 """
 from __future__ import annotations
 
@@ -22,36 +21,38 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import clip_grad_norm_, parameters_to_vector, vector_to_parameters
 
-from distlab.checks import is_int, is_number, require_arg
-from distlab.problems import data, models
+from distlab.checks import is_int, is_number, require, require_arg
+from distlab.problems import data
+from distlab.problems.workloads import Workload
 
-PROBLEMS = ("linear_regression", "digits")
+WORKLOAD = Workload("linear", hidden=32, depth=1, batch_size=32, lr=0.05, num_steps=200)
+"""Lab 03's default: linear regression, 32 examples per gradient, lr 0.05, 200 updates (with
+``model="mlp"``: a one-hidden-layer MLP of width 32 on the digits)."""
+MODELS = ("linear", "mlp")
+"""The workloads a flat-vector method trains: their data are rows ``(X, y)`` to shard."""
 
 
-def build(problem: str, hidden: int = 32, seed: int = 0):
-    """``(model, dataset, loss_fn)`` for ``problem``, identical on every rank for a seed."""
-    if problem not in PROBLEMS:
-        raise ValueError(f"problem={problem!r} is not one of {PROBLEMS}")
-    if not is_int(hidden) or not 1 <= hidden <= 4096:
-        raise ValueError(f"hidden={hidden!r} is out of range; allowed 1..4096")
-    if not is_int(seed):
-        raise ValueError(f"seed={seed!r} is out of range; allowed an int")
-    if problem == "linear_regression":
-        ds = data.linear_regression(seed=seed)
-        return models.linear(ds.num_features, seed=seed), ds, F.mse_loss
-    ds = data.digits(seed=seed)
-    return (models.mlp(ds.num_features, hidden, ds.num_classes, depth=1, seed=seed), ds,
-            F.cross_entropy)
+def require_flat_workload(config) -> None:
+    """Refuse, naming ``config.workload``, what a flat-vector method cannot train.
+
+    A :class:`Workload` of a model in :data:`MODELS` (rows ``(X, y)`` that workers can
+    shard, a model small enough to ship as one vector).
+    """
+    w = config.workload
+    require(config, "workload", isinstance(w, Workload) and w.model in MODELS,
+            f"a distlab.problems.workloads.Workload with model in {MODELS} (a flat "
+            "parameter vector trained on rows (X, y))")
 
 
 def flat_gradient(model, loss_fn, X, y, flat: torch.Tensor, clip: float | None = None):
     """Loss and flat gradient ``(P,)`` of ``model`` at the parameters ``flat`` on ``(X, y)``.
 
-    With ``clip``, the gradient's norm is clipped to it first (``clip_grad_norm_``, as in
-    torch): what a worker of an asynchronous run does to bound a stale step.
+    ``loss_fn`` is the workload's (``workload.loss``). With ``clip``, the gradient's norm is
+    clipped to it first (``clip_grad_norm_``, as in torch): what a worker of an
+    asynchronous run does to bound a stale step.
     """
-    if clip is not None and not (is_number(clip) and clip > 0):
-        raise ValueError(f"clip={clip!r} is out of range; allowed a number > 0 or None")
+    require_arg("clip", clip, clip is None or (is_number(clip) and clip > 0),
+                "a number > 0 or None")
     vector_to_parameters(flat, model.parameters())
     model.zero_grad(set_to_none=True)
     loss = loss_fn(model(X), y)
@@ -74,8 +75,7 @@ def sparse_logistic(num_features: int = 2000, nnz: int = 10, seed: int = 0):
                 "an int >= 2")
     require_arg("nnz", nnz, is_int(nnz) and 1 <= nnz <= num_features,
                 f"1..num_features={num_features}")
-    if not is_int(seed):
-        raise ValueError(f"seed={seed!r} is out of range; allowed an int")
+    require_arg("seed", seed, is_int(seed), "an int")
     ds = data.sparse_classification(d=num_features, nnz=nnz, seed=seed)
     cols = ds.X.ne(0).nonzero()[:, 1].reshape(len(ds.y), nnz)   # (N, nnz)
     return ds, cols

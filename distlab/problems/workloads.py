@@ -51,6 +51,8 @@ class Workload:
     """Seeds the model's initial weights and the batches."""
     dataset: object = field(default=None, repr=False, compare=False)
     """The loaded data, set by :meth:`loaded` (None: each process loads its own)."""
+    loaded_for: tuple | None = field(default=None, repr=False, compare=False)
+    """The ``(model, seed)`` that ``dataset`` was loaded for, set by :meth:`loaded`."""
 
     def __post_init__(self):
         require(self, "model", self.model in MODELS, f"one of {MODELS}")
@@ -63,6 +65,12 @@ class Workload:
                     f"an int >= 1 dividing hidden={self.hidden} (each head gets "
                     "hidden/num_heads dims)")
         require(self, "lr", is_number(self.lr) and self.lr > 0, "a number > 0")
+        require(self, "seed", is_int(self.seed) and 0 <= self.seed <= 2 ** 31,
+                "an int in 0..2^31")
+        if self.loaded_for != (self.model, self.seed):
+            # replace(w.loaded(), seed=1) must not keep the data of the old seed.
+            object.__setattr__(self, "dataset", None)
+            object.__setattr__(self, "loaded_for", None)
 
     def build_model(self) -> nn.Module:
         """The full, unsplit model (the same weights on every rank, from ``seed``)."""
@@ -83,15 +91,16 @@ class Workload:
         """
         if self.dataset is not None:
             return self
+        key = (self.model, self.seed)
         if self.model == "linear":
             from distlab.problems.data import linear_regression
-            return replace(self, dataset=linear_regression(seed=self.seed))
+            return replace(self, dataset=linear_regression(seed=self.seed), loaded_for=key)
         if self.model == "mlp":
             from distlab.problems.data import digits
-            return replace(self, dataset=digits(seed=self.seed))
+            return replace(self, dataset=digits(seed=self.seed), loaded_for=key)
         from distlab.problems.transformer import CharTokenizer, load_text
         text = load_text()
-        return replace(self, dataset=CharTokenizer(text).encode(text))
+        return replace(self, dataset=CharTokenizer(text).encode(text), loaded_for=key)
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The global batch ``(X, y)`` of every step, in order."""

@@ -2,8 +2,11 @@
 import pytest
 import torch
 
+from dataclasses import replace
+
 from distlab.asynchronous import ps_server
 from distlab.asynchronous.ps_config import BYE, GO, ParameterServerConfig
+from distlab.problems.convex import WORKLOAD
 
 
 class _Sent:
@@ -24,8 +27,9 @@ def replies(monkeypatch):
     return sent
 
 
-def _server(**kwargs):
-    server = ps_server.ParameterServer(ParameterServerConfig(**kwargs), shard=0)
+def _server(lr=WORKLOAD.lr, num_steps=WORKLOAD.num_steps, **kwargs):
+    config = ParameterServerConfig(replace(WORKLOAD, lr=lr, num_steps=num_steps), **kwargs)
+    server = ps_server.ParameterServer(config, shard=0)
     for w in range(server.config.num_workers):   # what serve() does first
         server.reply(w, go=True)
     return server

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from distlab.communication_efficient import local_sgd as L
+from distlab.communication_efficient import local_training as T
 from distlab.communication_efficient.compression import bytes_sent_per_call, make_compressor
 from distlab.course import lab06_communication_efficient as lab
 from distlab.problems.data import digits
@@ -14,47 +15,59 @@ from distlab.problems.models import mlp
 pytestmark = pytest.mark.timeout(180)
 
 STEPS = 12
+PER_RANK = 16                # examples per rank per step, on every world size
+
+
+def workload(**fields):
+    return replace(L.WORKLOAD, num_steps=STEPS, **fields)
+
+
 SYNC = {  # configurations that must equal single-process synchronous training
-    "sgd H=1": L.LocalSGDConfig(num_steps=STEPS, period=1, lr=0.3),
-    "sgd H=1 skewed": L.LocalSGDConfig(num_steps=STEPS, period=1, shards="label_skewed"),
-    "adam": L.LocalSGDConfig(num_steps=STEPS, optimizer="adam", lr=0.01),
-    "lamb": L.LocalSGDConfig(num_steps=STEPS, optimizer="lamb", lr=0.01),
-    "1-bit adam warm-up": L.LocalSGDConfig(num_steps=STEPS, optimizer="onebit_adam", lr=0.01,
+    "sgd H=1": L.LocalSGDConfig(workload=workload(lr=0.3), period=1),
+    "sgd H=1 skewed": L.LocalSGDConfig(workload=workload(), period=1, shards="label_skewed"),
+    "adam": L.LocalSGDConfig(workload=workload(lr=0.01), optimizer="adam"),
+    "lamb": L.LocalSGDConfig(workload=workload(lr=0.01), optimizer="lamb"),
+    "1-bit adam warm-up": L.LocalSGDConfig(workload=workload(lr=0.01), optimizer="onebit_adam",
                                            warmup_steps=STEPS),
 }
-LOCAL = L.LocalSGDConfig(num_steps=STEPS, period=4, lr=0.3)
-TOPK = L.LocalSGDConfig(num_steps=STEPS, period=3, compression="topk", ratio=0.05)
+LOCAL = L.LocalSGDConfig(workload=workload(lr=0.3), period=4)
+TOPK = L.LocalSGDConfig(workload=workload(), period=3, compression="topk", ratio=0.05)
 NUM_PARAMETERS = sum(p.numel() for p in mlp(64, 32, 10, depth=1).parameters())
 
 
 def local_sgd_simulation(config):
     """One process plays every rank: H local SGD steps each, then the mean model."""
-    with L.one_thread():
-        data = digits(seed=config.seed)
-        shards = L.split(data, config.shards, config.world_size, config.classes_per_rank,
-                         config.seed)
-        models = [mlp(64, config.hidden, 10, depth=1, seed=config.seed)
+    wl = config.workload
+    with T.one_thread():
+        data = digits(seed=wl.seed)
+        shards = T.split(data, config.shards, config.world_size, config.classes_per_rank,
+                         wl.seed)
+        models = [mlp(64, wl.hidden, 10, depth=1, seed=wl.seed)
                   for _ in range(config.world_size)]
-        optimizers = [torch.optim.SGD(m.parameters(), lr=config.lr) for m in models]
-        streams = [L.sample_batches(s, config.batch_size, seed=config.seed * 1000 + r + 1)
+        optimizers = [torch.optim.SGD(m.parameters(), lr=wl.lr) for m in models]
+        streams = [T.sample_batches(s, wl.batch_size // config.world_size,
+                                    seed=wl.seed * 1000 + r + 1)
                    for r, s in enumerate(shards)]
-        losses = [L.evaluate(models[0], data)["loss"]]
-        for step in range(1, config.num_steps + 1):
+        loss = torch.nn.functional.cross_entropy
+        losses = [T.evaluate(models[0], data, loss)["loss"]]
+        for step in range(1, wl.num_steps + 1):
             for model, opt, stream in zip(models, optimizers, streams):
                 idx = next(stream)
                 opt.zero_grad()
-                torch.nn.functional.cross_entropy(model(data.X[idx]), data.y[idx]).backward()
+                loss(model(data.X[idx]), data.y[idx]).backward()
                 opt.step()
-            if step % config.period == 0 or step == config.num_steps:
-                mean = torch.stack([L.flat(m.parameters()) for m in models]).mean(0)
+            if step % config.period == 0 or step == wl.num_steps:
+                mean = torch.stack([T.flat(m.parameters()) for m in models]).mean(0)
                 for m in models:
-                    L.assign(list(m.parameters()), mean)
-                losses.append(L.evaluate(models[0], data)["loss"])
+                    T.assign(list(m.parameters()), mean)
+                losses.append(T.evaluate(models[0], data, loss)["loss"])
         return losses
 
 
 def on(world_size, config):
-    return replace(config, world_size=world_size)
+    """``config`` on ``world_size`` ranks, each still drawing PER_RANK examples a step."""
+    return replace(config, world_size=world_size,
+                   workload=replace(config.workload, batch_size=PER_RANK * world_size))
 
 
 @pytest.fixture(scope="module", params=[2, 4])
@@ -102,7 +115,8 @@ def test_compressed_local_sgd_sends_the_compressed_bytes(runs):
 
 
 def test_run_returns_the_same_final_model_on_every_rank():
-    config = L.LocalSGDConfig(world_size=2, num_steps=6, period=3)
+    config = L.LocalSGDConfig(workload=replace(L.WORKLOAD, num_steps=6), world_size=2,
+                              period=3)
     results = L.run(config, timeout=120)
     assert len(results) == 2
     assert results[0]["params"] == results[1]["params"]
@@ -117,27 +131,37 @@ def _train_on_two(config):
 def test_train_refuses_a_group_of_another_size():
     import distlab
     with pytest.raises(distlab.WorkerError, match="config.world_size=3 but the group has 2"):
-        distlab.launch(_train_on_two, 2, L.LocalSGDConfig(world_size=3, num_steps=1),
-                       timeout=60)
+        distlab.launch(_train_on_two, 2, L.LocalSGDConfig(
+            world_size=3, workload=replace(L.WORKLOAD, num_steps=1, batch_size=48)), timeout=60)
 
 
 @pytest.mark.parametrize("field, value", [
     ("world_size", 0), ("world_size", True), ("world_size", 65), ("period", 0),
-    ("lr", -1.0), ("lr", True), ("compression", "zip"), ("ratio", 1.5), ("shards", "random"),
-    ("bandwidth", 0.0), ("latency", -1.0), ("classes_per_rank", 11), ("seed", -1),
-    ("error_feedback", 1), ("optimizer", "adamw")])
+    ("compression", "zip"), ("ratio", 1.5), ("shards", "random"),
+    ("bandwidth", 0.0), ("latency", -1.0), ("classes_per_rank", 11),
+    ("error_feedback", 1), ("optimizer", "adamw"), ("workload", None)])
 def test_bad_config_names_the_field_before_any_process(field, value):
     with pytest.raises(ValueError, match=f"LocalSGDConfig.{field}="):
         L.LocalSGDConfig(**{field: value})
 
 
+@pytest.mark.parametrize("fields, message", [
+    (dict(lr=-1.0), "Workload.lr=-1.0"), (dict(lr=True), "Workload.lr=True"),
+    (dict(seed=-1), "LocalSGDConfig.workload.seed=-1"),
+    (dict(model="linear"), "LocalSGDConfig.workload.model='linear' .* allowed 'mlp'"),
+    (dict(batch_size=30), "LocalSGDConfig.workload.batch_size=30 .* multiple of world_size=4")])
+def test_a_workload_local_sgd_cannot_train_is_refused_by_name(fields, message):
+    with pytest.raises(ValueError, match=message):
+        L.LocalSGDConfig(world_size=4, workload=replace(L.WORKLOAD, **fields))
+
+
 @pytest.mark.parametrize("make, message", [
-    (lambda: next(L.sample_batches(torch.arange(5), 0, seed=0)), "batch_size=0 is out of range"),
-    (lambda: next(L.sample_batches(torch.arange(0), 4, seed=0)), "shard is empty"),
-    (lambda: L.split(digits(), "dirichlet", 4, 2, 0), "shards='dirichlet' is out of range"),
-    (lambda: L.TrafficMeter(1e-4, 0.0, 2), "TrafficMeter.bandwidth=0.0 is out of range"),
-    (lambda: L.TrafficMeter(-1.0, 1e6, 2), "TrafficMeter.latency=-1.0 is out of range"),
-    (lambda: L.TrafficMeter(1e-4, 1e6, 0), "TrafficMeter.world_size=0 is out of range"),
+    (lambda: next(T.sample_batches(torch.arange(5), 0, seed=0)), "batch_size=0 is out of range"),
+    (lambda: next(T.sample_batches(torch.arange(0), 4, seed=0)), "shard is empty"),
+    (lambda: T.split(digits(), "dirichlet", 4, 2, 0), "shards='dirichlet' is out of range"),
+    (lambda: T.TrafficMeter(1e-4, 0.0, 2), "TrafficMeter.bandwidth=0.0 is out of range"),
+    (lambda: T.TrafficMeter(-1.0, 1e6, 2), "TrafficMeter.latency=-1.0 is out of range"),
+    (lambda: T.TrafficMeter(1e-4, 1e6, 0), "TrafficMeter.world_size=0 is out of range"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_shared_pieces_refuse_bad_numbers_by_name(make, message):
     with pytest.raises(ValueError, match=message):
@@ -147,5 +171,3 @@ def test_shared_pieces_refuse_bad_numbers_by_name(make, message):
 def test_adaptive_optimizers_need_period_one():
     with pytest.raises(ValueError, match="optimizer='lamb'.*period=1"):
         L.LocalSGDConfig(optimizer="lamb", period=4)
-    with pytest.raises(ValueError, match="LocalSGDConfig.period=0"):
-        lab.start_local_sgd(world_size=2, period=0)

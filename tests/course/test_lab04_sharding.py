@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from distlab.course import lab04_sharding as zero_lab
+from distlab.problems.workloads import Workload
 from distlab.sharding import memory
+from distlab.ui.panel import configure
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -13,13 +15,22 @@ def test_config_is_validated_before_any_process_starts():
     with pytest.raises(ValueError, match=r"ZeroConfig.stage=5 .* allowed 0, 1, 2 or 3"):
         zero_lab.ZeroConfig(stage=5)
     with pytest.raises(ValueError, match="ZeroConfig.optimizer='lamb'"):
-        zero_lab.start_training(2, optimizer="lamb")
+        zero_lab.ZeroConfig(world_size=2, optimizer="lamb")
     with pytest.raises(ValueError, match=r"ZeroConfig.world_size=2 .* a divisor of "
                                          r"workload.batch_size=63"):
-        zero_lab.start_training(2, batch_size=63)
+        zero_lab.ZeroConfig(world_size=2, workload=Workload(batch_size=63))
 
 
-@pytest.mark.parametrize("kwargs, match", [
+def test_panel_controls_set_the_config_and_its_workload_by_name():
+    """Lab 04's panel: ``RunPanel(controls, zero_lab.start, figures, config=base)``; its
+    controls are ZeroConfig fields (world_size, stage, optimizer) and Workload fields."""
+    base = zero_lab.ZeroConfig(workload=Workload(lr=0.01, num_steps=8))
+    config = configure(base, {"world_size": 2, "stage": 3, "optimizer": "sgd", "hidden": 32})
+    assert (config.world_size, config.stage, config.optimizer) == (2, 3, "sgd")
+    assert config.workload == Workload(hidden=32, lr=0.01, num_steps=8)
+
+
+@pytest.mark.parametrize("values, match", [
     (dict(world_size=0), r"ZeroConfig.world_size=0 is out of range; allowed an int in 1..64"),
     (dict(world_size=65), r"ZeroConfig.world_size=65 is out of range"),
     (dict(world_size=True), r"ZeroConfig.world_size=True is out of range"),
@@ -29,9 +40,9 @@ def test_config_is_validated_before_any_process_starts():
     (dict(num_steps=1.5), r"Workload.num_steps=1.5 is out of range"),
     (dict(lr=-1.0), r"Workload.lr=-1.0 is out of range"),
 ])
-def test_start_training_refuses_bad_numbers_naming_them(kwargs, match):
+def test_panel_refuses_bad_control_values_naming_them(values, match):
     with pytest.raises(ValueError, match=match):
-        zero_lab.start_training(**kwargs)
+        configure(zero_lab.ZeroConfig(), values)
 
 
 def test_make_stage_and_sweep_refuse_bad_numbers_before_any_process_starts():
@@ -110,7 +121,8 @@ def test_stages_0_to_2_issue_one_built_in_collective_per_step(sweep):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_lab_run_of_every_stage_equals_its_reference(stage):
     """The lab's verbs: ``run(config)`` on 2 ranks ends where ``reference(config)`` does."""
-    config = zero_lab.lab_config(world_size=2, stage=stage, hidden=16, num_steps=3)
+    config = zero_lab.ZeroConfig(world_size=2, stage=stage,
+                                 workload=Workload(hidden=16, lr=0.01, num_steps=3))
     want = zero_lab.reference(config)
     for result in zero_lab.run(config, timeout=120):
         torch.testing.assert_close(result["params"], want, rtol=1e-4, atol=1e-5)

@@ -1,13 +1,18 @@
-"""Lab 06's glue, headless: sweeps refuse mixed world sizes, the bytes-to-target table, and
-the static figures (one trace per run)."""
+"""Lab 06's glue, headless: the panel drives local_sgd.start with no adapter, sweeps refuse
+mixed world sizes, the bytes-to-target table, and the static figures (one trace per run)."""
 import math
+from dataclasses import replace
 
+import ipywidgets as W
 import pandas as pd
 import pytest
+import torch
 
+from distlab.communication_efficient import local_sgd
 from distlab.communication_efficient.fedavg import FedAvgConfig
 from distlab.communication_efficient.local_sgd import LocalSGDConfig
 from distlab.course import lab06_communication_efficient as lab
+from distlab.ui.panel import RunPanel, configure
 
 RECORDS = pd.DataFrame([
     {"run": "a", "rank": 0, "step": 0, "loss": 2.0, "accuracy": 0.1, "bytes_sent": 0},
@@ -17,6 +22,32 @@ RECORDS = pd.DataFrame([
     {"run": "b", "rank": 0, "step": 0, "loss": 2.0, "accuracy": 0.1, "bytes_sent": 0},
     {"run": "b", "rank": 0, "step": 1, "loss": 1.5, "accuracy": 0.3, "bytes_sent": 10},
 ])
+
+
+BASE = LocalSGDConfig(workload=replace(local_sgd.WORKLOAD, num_steps=4), world_size=2)
+
+
+@pytest.mark.timeout(120)
+def test_the_panel_starts_local_sgd_with_its_controls_set_on_the_config():
+    panel = RunPanel({"period": W.IntSlider(value=1), "world_size": W.IntSlider(value=2),
+                      "lr": W.FloatText(value=0.3)}, local_sgd.start, [], config=BASE)
+    run = panel.run(world_size=4)
+    panel.wait()
+    config = configure(BASE, panel.values())
+    assert config.world_size == 4 and config.workload.lr == 0.3
+    want, _ = local_sgd.reference(config)
+    got = run.metrics().dropna(subset=["loss"]).sort_values("step")
+    assert run.world_size == 4
+    torch.testing.assert_close(torch.tensor(got["loss"].tolist()), torch.tensor(want))
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"period": 0}, "LocalSGDConfig.period=0"),
+    ({"world_size": 3}, "LocalSGDConfig.workload.batch_size=32 .* multiple of world_size=3"),
+    ({"lr": -1.0}, "Workload.lr=-1.0")])
+def test_a_bad_control_value_is_refused_before_any_process(values, message):
+    with pytest.raises(ValueError, match=message):
+        configure(BASE, values)
 
 
 def test_compare_refuses_configurations_of_different_world_sizes():

@@ -246,13 +246,32 @@ def test_broadcast_buffers_must_be_a_bool(cls):
 @pytest.mark.parametrize("variant", ["overlap", "bucketed"])
 def test_overlapping_variants_start_all_reduces_during_backward(variant):
     from distlab.data_parallel import sync_sgd
-    config = sync_sgd.SyncSGDConfig(task="digits", world_size=2, num_steps=3, timeline_steps=2,
-                                    variant=variant, bucket_size_mb=0.01)
+    from distlab.problems.workloads import Workload
+    config = sync_sgd.SyncSGDConfig(workload=Workload(model="mlp", num_steps=3), world_size=2,
+                                    timeline_steps=2, variant=variant, bucket_size_mb=0.01)
     events = [e for out in sync_sgd.run(config, timeout=60) for e in out["timeline"]]
     backward_end = {(e["rank"], e["step"]): e["end"] for e in events if e["kind"] == "backward"}
     early = [e for e in events
              if e["kind"] == "all_reduce" and e["start"] < backward_end[e["rank"], e["step"]]]
     assert len(early) >= 2 * 2, f"{variant}: only {len(early)} all-reduces overlapped backward"
+
+
+def test_the_exercise_checker_refuses_what_is_not_a_function():
+    from distlab.exercises import data_parallel as ex
+    verdict = ex.check_average_gradients(None)
+    assert not verdict.ok and "average_gradients must be a function" in verdict.message
+
+
+def test_the_exercise_checker_names_the_rank_of_a_student_that_raises():
+    from distlab.exercises import data_parallel as ex
+
+    def crashes(model, group=None):
+        import torch.distributed as dist
+        if dist.get_rank() == 1:
+            raise RuntimeError("oops")
+
+    verdict = ex.check_average_gradients(crashes, world_size=2)
+    assert not verdict.ok and "rank 1 raised RuntimeError: oops" in verdict.message, verdict
 
 
 @pytest.mark.parametrize("world_size", [0, True, 2.0])

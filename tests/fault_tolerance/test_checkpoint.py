@@ -15,8 +15,11 @@ from distlab.exercises import fault_tolerance as exercise
 from distlab.fault_tolerance import checkpoint
 from distlab.fault_tolerance.elastic import TrainConfig, train
 from distlab.fault_tolerance.faults import Fault
+from distlab.problems.workloads import Workload
 
 pytestmark = pytest.mark.timeout(120)
+
+DIGITS = Workload(model="mlp", lr=0.05, num_steps=30)
 
 
 def _kill_me():
@@ -137,8 +140,7 @@ def _interrupted_then_resumed(config, world_size, fault):
 
 def test_sync_sgd_killed_and_resumed_equals_uninterrupted_exactly(tmp_path):
     # noise > 0: each rank draws from its RNG every step, so RNG state must be restored too.
-    config = TrainConfig(str(tmp_path), task="digits", num_steps=30, checkpoint_every=10,
-                         noise=0.05)
+    config = TrainConfig(str(tmp_path), workload=DIGITS, checkpoint_every=10, noise=0.05)
     full = distlab.launch(train, 2, dataclasses.replace(
         config, checkpoint_dir="", checkpoint_every=0))
     resumed = _interrupted_then_resumed(config, 2, Fault("kill", rank=1, step=15))
@@ -149,7 +151,7 @@ def test_sync_sgd_killed_and_resumed_equals_uninterrupted_exactly(tmp_path):
 
 
 def test_zero_resumes_exactly_and_reshards_to_another_world_size(tmp_path):
-    config = TrainConfig(str(tmp_path / "full"), algorithm="zero", task="digits", num_steps=30,
+    config = TrainConfig(str(tmp_path / "full"), algorithm="zero", workload=DIGITS,
                          checkpoint_every=10, keep=3)
     full = distlab.launch(train, 2, config, timeout=90)
     # Resume from the checkpoint of step 10 alone, as if the run had died at step 15.
@@ -198,3 +200,16 @@ def test_the_exercise_checker_accepts_the_reference_solution():
 def test_the_exercise_checker_explains_each_unsafe_save(mistake, explanation):
     verdict = exercise.check_atomic_save(mistake)
     assert not verdict.ok and explanation in verdict.message
+
+
+def test_the_exercise_checker_refuses_what_is_not_a_function():
+    verdict = exercise.check_atomic_save("torch.save")
+    assert not verdict.ok and "atomic_save must be a function, got str" in verdict.message
+
+
+def test_the_exercise_checker_names_a_save_that_raises():
+    def raises(obj, path):
+        raise OSError("disk full")
+    verdict = exercise.check_atomic_save(raises)
+    assert not verdict.ok and "saving checkpoint 1: rank 0 failed" in verdict.message
+    assert "disk full" in verdict.message

@@ -2,14 +2,16 @@
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
 import distlab
 from distlab.fault_tolerance import elastic
-from distlab.fault_tolerance.elastic import ElasticConfig, TrainConfig, global_batch
+from distlab.fault_tolerance.elastic import WORKLOAD, ElasticConfig, TrainConfig
 from distlab.fault_tolerance.faults import Fault
+from distlab.problems.workloads import Workload
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -17,9 +19,8 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.mark.parametrize("kwargs, message", [
     (dict(algorithm="ps"), "algorithm='ps'"),
     (dict(momentum=1), "momentum=1"),
-    (dict(lr=True), "lr=True"),
-    (dict(num_steps=0), "num_steps=0"),
-    (dict(batch_size=2000), r"batch_size=2000 .* 1\.\.1024"),
+    (dict(workload=Workload(model="transformer")), r"workload=.*model in \('linear', 'mlp'\)"),
+    (dict(workload=replace(WORKLOAD, seed=-1)), r"workload=.*seed is an int >= 0"),
     (dict(checkpoint_every=2.5), "checkpoint_every=2.5"),
     (dict(keep=0), "keep=0"),
     (dict(noise=-0.1), "noise=-0.1"),
@@ -56,16 +57,17 @@ def test_start_refuses_what_is_not_a_train_config_and_an_elastic_config(tmp_path
         elastic.start(TrainConfig(str(tmp_path)), {"world_size": 2})
 
 
-def test_global_batch_refuses_a_bad_argument_naming_it():
-    with pytest.raises(ValueError, match="batch_size=0"):
-        global_batch(100, 0, 0, 0)
-    with pytest.raises(ValueError, match="step=-1"):
-        global_batch(100, -1, 10, 0)
+def test_the_workload_refuses_bad_numbers_naming_them():
+    with pytest.raises(ValueError, match=r"Workload\.lr=True"):
+        TrainConfig("", workload=replace(WORKLOAD, lr=True))
+    with pytest.raises(ValueError, match=r"Workload\.num_steps=0"):
+        TrainConfig("", workload=replace(WORKLOAD, num_steps=0))
 
 
 @pytest.mark.parametrize("world_size", [1, 3])
 def test_train_equals_the_single_process_reference_on_any_number_of_ranks(world_size):
-    config = TrainConfig("", task="digits", num_steps=12, batch_size=50, checkpoint_every=0)
+    config = TrainConfig("", workload=Workload(model="mlp", num_steps=12, batch_size=50, lr=0.05),
+                         checkpoint_every=0)
     out = distlab.launch(elastic.train, world_size, config, timeout=60)
     ref = elastic.reference(config)
     for rank in out:   # the global batch is dealt to the ranks: same SGD, to rounding
@@ -75,14 +77,14 @@ def test_train_equals_the_single_process_reference_on_any_number_of_ranks(world_
 
 def test_a_rank_dealt_no_example_still_matches_the_reference():
     # batch_size=1 on 2 ranks: rank 1 gets no example at any step, so no gradient of its own.
-    config = TrainConfig("", num_steps=8, batch_size=1, checkpoint_every=0)
+    config = TrainConfig("", workload=replace(WORKLOAD, num_steps=8, batch_size=1),
+                         checkpoint_every=0)
     out = distlab.launch(elastic.train, 2, config, timeout=60)
     torch.testing.assert_close(out[1]["params"], elastic.reference(config)["params"])
 
 
 def test_elastic_job_restarts_on_the_survivors_and_matches_the_reference(tmp_path):
-    config = TrainConfig(str(tmp_path), num_steps=40, checkpoint_every=10,
-                         fault=Fault("kill", rank=1, step=25))
+    config = TrainConfig(str(tmp_path), checkpoint_every=10, fault=Fault("kill", rank=1, step=25))
     run = elastic.run(config, ElasticConfig(world_size=3, timeout=60))
     out = run.result()
     assert len(out) == 2 and out[0]["start_step"] == 20          # 3 ranks -> 2, from step 20
@@ -98,7 +100,7 @@ def test_elastic_job_restarts_on_the_survivors_and_matches_the_reference(tmp_pat
 
 
 def test_elastic_records_are_on_the_job_clock_across_attempts(tmp_path):
-    config = TrainConfig(str(tmp_path), num_steps=20, checkpoint_every=5,
+    config = TrainConfig(str(tmp_path), workload=replace(WORKLOAD, num_steps=20), checkpoint_every=5,
                          fault=Fault("kill", rank=1, step=12))
     m = elastic.run(config, ElasticConfig(world_size=2, timeout=60)).metrics()
     assert set(m.world_size) == {2, 1} and set(m.attempt) == {0, 1}
@@ -112,7 +114,7 @@ def test_elastic_records_are_on_the_job_clock_across_attempts(tmp_path):
 
 
 def test_elastic_gives_up_below_min_world_size(tmp_path):
-    config = TrainConfig(str(tmp_path), num_steps=10, checkpoint_every=5,
+    config = TrainConfig(str(tmp_path), workload=replace(WORKLOAD, num_steps=10), checkpoint_every=5,
                          fault=Fault("raise", rank=0, step=7))
     with pytest.raises(distlab.WorkerError, match="below min_world_size=2"):
         elastic.run(config, ElasticConfig(world_size=2, min_world_size=2, timeout=30))
@@ -130,5 +132,5 @@ def test_a_restarted_torchrun_worker_resumes_from_the_latest_checkpoint(tmp_path
     assert out.returncode == 0, out.stderr[-3000:]
     assert "attempt 1 resumed at step 10" in out.stdout
     result = torch.load(tmp_path / "out.pt", weights_only=False)
-    config = TrainConfig(str(tmp_path), num_steps=30, checkpoint_every=10)
+    config = TrainConfig(str(tmp_path), workload=replace(WORKLOAD, num_steps=30), checkpoint_every=10)
     torch.testing.assert_close(result["params"], elastic.reference(config)["params"])

@@ -1,11 +1,12 @@
 """distlab.fault_tolerance.faults: each kind of failure, on real processes, and how sync training meets it."""
+import dataclasses
 import time
 
 import pytest
 import torch
 
 import distlab
-from distlab.fault_tolerance.elastic import TrainConfig, train
+from distlab.fault_tolerance.elastic import WORKLOAD, TrainConfig, train
 from distlab.fault_tolerance.faults import Fault, InjectedFault, fail, maybe_inject
 
 pytestmark = pytest.mark.timeout(60)
@@ -31,7 +32,8 @@ def test_fires_on_one_rank_one_step_one_attempt_only():
 
 
 def _sync(fault, **kw):
-    return TrainConfig("", num_steps=20, checkpoint_every=0, fault=fault, **kw)
+    return TrainConfig("", workload=dataclasses.replace(WORKLOAD, num_steps=20), checkpoint_every=0,
+                       fault=fault, **kw)
 
 
 @pytest.mark.parametrize("kind, reason", [("kill", "SIGKILL"), ("raise", "InjectedFault")])

@@ -1,4 +1,6 @@
 """distlab.problems.workloads: every kind of workload trains, the same from the same seed."""
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,7 +36,17 @@ def test_linear_workload_is_sgd_on_least_squares_by_hand():
 
 
 @pytest.mark.parametrize("field, value", [("model", "cnn"), ("lr", 0), ("batch_size", 0),
-                                          ("num_steps", True), ("hidden", 1.5)])
+                                          ("num_steps", True), ("hidden", 1.5),
+                                          ("seed", 1.5), ("seed", -1)])
 def test_bad_workloads_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=f"Workload.{field}="):
         Workload(**{field: value})
+
+
+def test_replacing_the_seed_of_a_loaded_workload_reloads_its_data():
+    w = Workload(model="linear", seed=1).loaded()
+    other = replace(w, seed=2)
+    assert other.dataset is None
+    torch.testing.assert_close(other.loaded().dataset.X, linear_regression(seed=2).X)
+    same = replace(w, lr=0.5)                    # not a data field: the data travels on
+    assert same.dataset is w.dataset
