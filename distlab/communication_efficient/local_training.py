@@ -52,8 +52,6 @@ def check_workload(config) -> None:
     workload, field_ = config.workload, f"{type(config).__name__}.workload"
     require(config, "workload", isinstance(workload, Workload),
             "a distlab.problems.workloads.Workload")
-    require_arg(f"{field_}.seed", workload.seed,
-                is_int(workload.seed) and 0 <= workload.seed <= 2 ** 31, "integers 0..2^31")
     require_arg(f"{field_}.model", workload.model, workload.model == "mlp",
                 "'mlp' (the digits classifier: label-skewed shards and accuracy need classes)")
 

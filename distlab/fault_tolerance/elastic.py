@@ -97,8 +97,6 @@ class TrainConfig:
         require(self, "workload", isinstance(self.workload, Workload)
                 and self.workload.model in MODELS,
                 f"a distlab.problems.workloads.Workload with model in {MODELS}")
-        require(self, "workload", is_int(self.workload.seed) and self.workload.seed >= 0,
-                "a workload whose seed is an int >= 0 (it seeds every rank's RNGs)")
         for name, low in (("checkpoint_every", 0), ("keep", 1)):
             v = getattr(self, name)
             require(self, name, is_int(v) and v >= low, f"an int >= {low}")

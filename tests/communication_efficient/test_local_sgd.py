@@ -147,7 +147,7 @@ def test_bad_config_names_the_field_before_any_process(field, value):
 
 @pytest.mark.parametrize("fields, message", [
     (dict(lr=-1.0), "Workload.lr=-1.0"), (dict(lr=True), "Workload.lr=True"),
-    (dict(seed=-1), "LocalSGDConfig.workload.seed=-1"),
+    (dict(seed=-1), "Workload.seed=-1"),
     (dict(model="linear"), "LocalSGDConfig.workload.model='linear' .* allowed 'mlp'"),
     (dict(batch_size=30), "LocalSGDConfig.workload.batch_size=30 .* multiple of world_size=4")])
 def test_a_workload_local_sgd_cannot_train_is_refused_by_name(fields, message):

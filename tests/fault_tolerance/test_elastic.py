@@ -20,7 +20,6 @@ pytestmark = pytest.mark.timeout(120)
     (dict(algorithm="ps"), "algorithm='ps'"),
     (dict(momentum=1), "momentum=1"),
     (dict(workload=Workload(model="transformer")), r"workload=.*model in \('linear', 'mlp'\)"),
-    (dict(workload=replace(WORKLOAD, seed=-1)), r"workload=.*seed is an int >= 0"),
     (dict(checkpoint_every=2.5), "checkpoint_every=2.5"),
     (dict(keep=0), "keep=0"),
     (dict(noise=-0.1), "noise=-0.1"),
