@@ -10,15 +10,15 @@ Communication Operations in MPICH", IJHPCA 2005): a message of n bytes takes alp
 p ranks; n the tensor's bytes. Each formula is a function of
 :mod:`distlab.communication.alpha_beta` of the same name (the bytes: ``..._bytes``).
 
-=============================  =============================  ==============================
-algorithm                      time                           bytes sent per rank
-=============================  =============================  ==============================
-:func:`naive_all_reduce`       2(p-1)·alpha + 2(p-1)·n·beta   root (p-1)·n, others n
-:func:`recursive_doubling_...` lg p·alpha + lg p·n·beta       lg p·n   (p a power of two)
-:func:`ring_reduce_scatter`    (p-1)·alpha + (p-1)/p·n·beta   (p-1)/p·n
-:func:`ring_all_gather`        (p-1)·alpha + (p-1)/p·n·beta   (p-1)/p·n
-:func:`ring_all_reduce`        2(p-1)·alpha + 2(p-1)/p·n·beta 2(p-1)/p·n
-=============================  =============================  ==============================
+=====================================  ===============================  ==============================
+algorithm                              time                             bytes sent per rank
+=====================================  ===============================  ==============================
+:func:`naive_all_reduce`               2(p-1)·alpha + 2(p-1)·n·beta     root (p-1)·n, others n
+:func:`recursive_doubling_all_reduce`  lg p·alpha + lg p·n·beta         lg p·n   (p a power of two)
+:func:`ring_reduce_scatter`            (p-1)·alpha + (p-1)/p·n·beta     (p-1)/p·n
+:func:`ring_all_gather`                (p-1)·alpha + (p-1)/p·n·beta     (p-1)/p·n
+:func:`ring_all_reduce`                2(p-1)·alpha + 2(p-1)/p·n·beta   2(p-1)/p·n
+=====================================  ===============================  ==============================
 
 The ring is bandwidth-optimal (its n·beta term cannot be beaten), recursive doubling is
 latency-optimal, and the naive parameter-server pattern is neither: its root's link carries
@@ -79,7 +79,8 @@ def _check_same_tensor_everywhere(tensor, group, name) -> None:
     dims = list(tensor.shape)[:_MAX_DIMS]
     code = _DTYPES.index(tensor.dtype) if tensor.dtype in _DTYPES else -1
     sig = torch.tensor([code, tensor.dim(), tensor.numel(), hash(tuple(tensor.shape))]
-                       + dims + [-1] * (_MAX_DIMS - len(dims)), dtype=torch.int64)
+                       + dims + [-1] * (_MAX_DIMS - len(dims)), dtype=torch.int64,
+                       device=tensor.device)
     p = dist.get_world_size(group)
     rows = [torch.empty_like(sig) for _ in range(p)]
     comm.all_gather(rows, sig, group=group)

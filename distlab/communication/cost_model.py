@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from distlab import comm
+from distlab.worker import device
 from distlab.checks import is_int, is_number, require, require_arg
 from distlab.communication import alpha_beta
 from distlab.communication.collectives import ALL_REDUCES
@@ -67,7 +68,7 @@ class Fit:
     beta: float
     """Seconds per byte."""
     median_error: float
-    """Median over the measurements of |model - measured| / measured."""
+    """Median over the measurements of ``|model - measured| / measured``."""
     max_error: float
     """Largest relative error."""
     num_points: int
@@ -125,7 +126,7 @@ def fit(measurements: pd.DataFrame) -> dict[str, Fit]:
 
 
 def relative_errors(measurements: pd.DataFrame, fits: dict[str, Fit]) -> pd.Series:
-    """|model - measured| / measured for every row of ``measurements``."""
+    """``|model - measured| / measured`` for every row of ``measurements``."""
     _require_positive_times(measurements, "relative_errors")
     model = [predict(a, n, p, fits[a].alpha, fits[a].beta) for a, n, p in
              zip(measurements["algorithm"], measurements["nbytes"], measurements["world_size"])]
@@ -178,7 +179,7 @@ def time_collective(fn, numel: int, group=None, network: Network | None = None,
     if not (is_int(repeats) and 1 <= repeats <= 1000):
         raise ValueError(f"time_collective: repeats={repeats!r} is out of range; "
                          "allowed 1..1000")
-    x = torch.ones(numel)
+    x = torch.ones(numel, device=device())    # this rank's GPU under NCCL
     iters = _iters(comm.nbytes(x), network)
     fn(x, group, check=False, network=network)                # warm up connections
     times = []
@@ -187,7 +188,7 @@ def time_collective(fn, numel: int, group=None, network: Network | None = None,
         t0 = time.perf_counter()
         for _ in range(iters):
             fn(x, group, check=False, network=network)
-        dt = torch.tensor([(time.perf_counter() - t0) / iters])
+        dt = torch.tensor([(time.perf_counter() - t0) / iters], device=x.device)
         comm.all_reduce(dt, op=torch.distributed.ReduceOp.MAX, group=group)
         times.append(dt.item())
     return statistics.median(times)

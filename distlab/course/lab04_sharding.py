@@ -28,6 +28,7 @@ from distlab.problems.workloads import Workload
 from distlab.sharding import memory
 from distlab.sharding.fsdp import FullyShardedDataParallel
 from distlab.sharding.zero import OPTIMIZERS, STAGES, NaiveDistributedOptimizer, ShardedOptimizer
+from distlab.worker import device
 
 STAGE_NAMES = {0: "stage 0 (naive)", 1: "stage 1 (P_os)", 2: "stage 2 (P_os+g)",
                3: "stage 3 (P_os+g+p)"}
@@ -91,12 +92,14 @@ class ZeroConfig:
 def train(config: ZeroConfig, group=None) -> dict:
     """Train on every rank; report loss and bytes sent per step; return params and memory."""
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
-    wl = config.workload
-    model, opt = make_stage(config.stage, wl.build_model(), config.optimizer, group, wl.lr)
+    wl, dev = config.workload, device()      # the CPU on gloo, this rank's GPU on NCCL
+    model, opt = make_stage(config.stage, wl.build_model().to(dev), config.optimizer, group,
+                            wl.lr)
     comm.ledger().reset()
     for step, (X, y) in enumerate(wl.batches()):
         # This rank's rows of the global batch: X (B, ...) -> (B/N, ...), y (B,) -> (B/N,).
-        loss = wl.loss(model(X.chunk(world_size)[rank]), y.chunk(world_size)[rank])
+        X, y = X.chunk(world_size)[rank].to(dev), y.chunk(world_size)[rank].to(dev)
+        loss = wl.loss(model(X), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -133,7 +136,7 @@ def run(config: ZeroConfig, **launch) -> list[dict]:
 
 def _flat(state: dict) -> torch.Tensor:
     """Every tensor of ``state`` flattened, in order: ``(num_params,)`` in float32."""
-    return torch.cat([v.detach().reshape(-1).float() for v in state.values()])  # (numel,) each
+    return torch.cat([v.detach().reshape(-1).float().cpu() for v in state.values()])  # (numel,)
 
 
 # -- the memory and communication sweep ------------------------------------------------------
@@ -175,15 +178,17 @@ def _sweep_worker(config: ZeroConfig, stages) -> list[dict]:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     wl = config.workload           # two steps: the second is measured, state exists by then
     rows = []
+    dev = device()
     for stage in stages:
-        net = wl.build_model()
+        net = wl.build_model().to(dev)
         num_params = models.num_parameters(net)
         model, opt = make_stage(stage, net, config.optimizer, None, wl.lr)
         for X, y in wl.batches():
             comm.ledger().reset()
             opt.zero_grad()
             # This rank's rows, as in train: X (B, ...) -> (B/N, ...), y (B,) -> (B/N,).
-            wl.loss(model(X.chunk(world_size)[rank]), y.chunk(world_size)[rank]).backward()
+            X, y = X.chunk(world_size)[rank].to(dev), y.chunk(world_size)[rank].to(dev)
+            wl.loss(model(X), y).backward()
             opt.step()
         measured = memory.measure(model, opt)
         predicted = memory.predicted_bytes(num_params, stage, world_size, config.optimizer)

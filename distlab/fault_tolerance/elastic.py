@@ -57,6 +57,7 @@ from distlab.metrics import report
 from distlab.problems import data
 from distlab.problems.workloads import Workload
 from distlab.sharding.zero import ShardedOptimizer
+from distlab.worker import device
 
 ALGORITHMS = ("sync", "zero")
 MODELS = ("linear", "mlp")
@@ -148,7 +149,8 @@ def train(config: TrainConfig, group=None, *, attempt: int = 0) -> dict:
     """
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     workload = config.workload.loaded()
-    model = workload.build_model()
+    dev = device()                       # the CPU on gloo, this rank's GPU on NCCL
+    model = workload.build_model().to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, config, group)
     seed = workload.seed + rank
@@ -162,14 +164,14 @@ def train(config: TrainConfig, group=None, *, attempt: int = 0) -> dict:
         _fail_if_due(config, rank, step, "step", attempt)
         t = time.perf_counter()
         mine = data.shard_indices(len(y_all), rank, world_size, shuffle=False)   # dealt in turn
-        X, y = X_all[mine], y_all[mine]
+        X, y = X_all[mine].to(dev), y_all[mine].to(dev)
         if config.noise:
             X = X + config.noise * torch.randn_like(X)
         optimizer.zero_grad()
         # My examples' share of the global batch's mean loss: the shares add up to it, so
         # world_size * share averaged over the ranks is the global mean, however the batch
         # was dealt (a rank with no example has no gradient, which counts as zeros).
-        share = torch.zeros(())
+        share = torch.zeros((), device=dev)
         if len(y):
             share = workload.loss(model(X), y) * (len(y) / len(y_all))
             (share * world_size).backward()
@@ -185,7 +187,7 @@ def train(config: TrainConfig, group=None, *, attempt: int = 0) -> dict:
         done = step + 1
         if config.checkpoint_every and done % config.checkpoint_every == 0:
             _save(config, done, model, optimizer, history, group, attempt)
-    return {"params": torch.nn.utils.parameters_to_vector(model.parameters()).detach(),
+    return {"params": torch.nn.utils.parameters_to_vector(model.parameters()).detach().cpu(),
             "history": history, "start_step": start_step}
 
 
