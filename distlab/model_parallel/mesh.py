@@ -53,6 +53,9 @@ class MeshConfig:
         require(self, "tp", self.dp * self.tp <= 64, f"at most {64 // self.dp} with "
                 f"dp={self.dp}: dp*tp ranks, at most 64")
         w = self.workload
+        require(self, "workload", w.model != "linear" or self.tp == 1,
+                f"model 'mlp' or 'transformer' with tp={self.tp} ('linear' has one output: "
+                "nothing to split; use tp=1)")
         if w.model == "mlp":
             TensorParallelConfig(self.tp, w.hidden)
         else:   # d_model, 4 d_model and the heads are all split

@@ -64,8 +64,10 @@ class PipelineConfig:
     compute, so on a small shared machine the schedule, not the noise, shapes the timeline."""
 
     def __post_init__(self):
-        require(self, "workload", isinstance(self.workload, Workload),
-                "a distlab.problems.workloads.Workload")
+        require(self, "workload", isinstance(self.workload, Workload)
+                and self.workload.model in ("mlp", "transformer"),
+                "a distlab.problems.workloads.Workload of model 'mlp' or 'transformer' (a "
+                "sequence of layers to cut into stages; 'linear' is one layer)")
         for name in ("num_stages", "num_microbatches"):
             v = getattr(self, name)
             require(self, name, is_int(v) and 1 <= v <= 64, "an int in 1..64")
@@ -193,7 +195,7 @@ def _require_ints(low: int = 1, high: int | None = None, **values) -> None:
 class PipelineStage:
     """One stage: its layers, its neighbours, and the schedule that drives it.
 
-    Activations may be any dtype of :data:`DTYPES` (the header says which); a gradient
+    Activations may be any dtype of ``DTYPES`` (the header says which); a gradient
     goes back for every floating-point activation. A stage may have no parameters, or
     only frozen ones.
 

@@ -263,3 +263,13 @@ def test_sizes_that_do_not_split_are_refused_naming_a_size_that_does():
     with pytest.raises(ValueError, match=r"num_stages=6 is more than the model's 5 layers.*"
                                          r"use num_stages <= 5"):
         pp.PipelineConfig(Workload(depth=2), num_stages=6)
+
+
+def test_a_linear_workload_is_refused_where_there_is_nothing_to_split():
+    from distlab.model_parallel.mesh import MeshConfig
+    from distlab.model_parallel.pipeline import PipelineConfig
+    from distlab.problems.workloads import Workload
+    with pytest.raises(ValueError, match="MeshConfig.workload=.*use tp=1"):
+        MeshConfig(Workload(model="linear"), dp=1, tp=2)
+    with pytest.raises(ValueError, match="PipelineConfig.workload=.*'linear' is one layer"):
+        PipelineConfig(Workload(model="linear"), num_stages=2)
