@@ -84,7 +84,8 @@ def start(fn: Callable, world_size: int, *args, backend: str | None = None,
     Args:
         fn: the worker function; it finds the default process group initialized.
         world_size: the number of processes (ranks), 1 to ``MAX_WORLD_SIZE``.
-        *args, **kwargs: passed to ``fn`` on every rank.
+        *args: passed to ``fn`` on every rank.
+        **kwargs: passed to ``fn`` on every rank.
         backend: ``"gloo"``, ``"nccl"``, or None for NCCL when there is one GPU per rank.
         timeout: seconds before the whole run is ended as stuck; None for no limit.
         num_threads: torch threads per worker (1 keeps N workers from oversubscribing cores).

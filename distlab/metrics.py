@@ -42,7 +42,7 @@ def report(step: int | None = None, **values) -> dict:
 
     Under :func:`distlab.launch` the record is sent to the caller at once, so live plots
     update while the run goes on. Outside a launch (under torchrun, or a plain script) it is
-    kept in this process and returned by :func:`local_records`.
+    kept in this process and returned by :func:`~distlab.metrics.local_records`.
 
     Args:
         step: the optimizer step the values belong to.

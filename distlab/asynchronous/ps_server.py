@@ -5,15 +5,15 @@ A server shard holds the slice ``x[lo:hi]`` of the flat parameter vector and an
 
 * :meth:`ParameterServer.on_push` - a gradient arrives, tagged with the version it was
   computed on. The server measures its staleness ``tau = version_now - version_read``,
-  reports it with the learning rate it will use, and applies it (:meth:`apply`; under BSP
-  it keeps it until the round is complete, :meth:`apply_round`);
-* :meth:`release_waiting` - after every event, each worker that pushed and is waiting may
+  reports it with the learning rate it will use, and applies it (:meth:`~ParameterServer.apply`; under BSP
+  it keeps it until the round is complete, :meth:`~ParameterServer.apply_round`);
+* :meth:`~ParameterServer.release_waiting` - after every event, each worker that pushed and is waiting may
   start its next clock if the SSP rule lets it (Ho et al. 2013, section 3): it is then sent
-  fresh parameters (:meth:`reply`);
-* :meth:`on_silence` - nothing arrived for a while: a busy worker silent for
+  fresh parameters (:meth:`~ParameterServer.reply`);
+* :meth:`~ParameterServer.on_silence` - nothing arrived for a while: a busy worker silent for
   ``worker_timeout`` seconds is declared lost (a heartbeat timeout, Li et al. 2014,
   section 4.3) and the others carry on without it;
-* :meth:`on_loss` - a worker's push carries the loss of the parameters it pulled; shard 0
+* :meth:`~ParameterServer.on_loss` - a worker's push carries the loss of the parameters it pulled; shard 0
   reports it once per version and stops the run on divergence or at the target.
 
 Communication: each push costs the shard ``alpha + (hi - lo) beta`` in, each reply the same

@@ -14,20 +14,20 @@ beta)`` is the time. The ``*_bytes`` functions give the **model bytes** per rank
 rank sends (and receives) in the bandwidth-optimal algorithm, as :mod:`distlab.comm` books
 the built-in collectives. Every docstring's cost in ``distlab`` is one of these functions.
 
-====================================  ==================  ==============================
-function                              a (messages)        b (bytes on the busiest link)
-====================================  ==================  ==============================
-:func:`send` (point to point)         1                   n
-:func:`ring_reduce_scatter`           p-1                 (p-1)/p·n
-:func:`ring_all_gather`               p-1                 (p-1)/p·n   (n: the whole output)
-:func:`ring_all_reduce`               2(p-1)              2(p-1)/p·n
-:func:`recursive_doubling_all_reduce` lg p                lg p·n       (p a power of two)
-                                      floor(lg p)+2       (floor(lg p)+2)·n   (otherwise)
-:func:`naive_all_reduce`              2(p-1)              2(p-1)·n     (parameter server)
-:func:`broadcast` (binomial tree)     ceil(lg p)          ceil(lg p)·n
-:func:`all_to_all` (pairwise)         p-1                 (p-1)/p·n   (n: one rank's input)
-:func:`barrier` (dissemination)       ceil(lg p)          0
-====================================  ==================  ==============================
+======================================  ==================  ==============================
+function                                a (messages)        b (bytes on the busiest link)
+======================================  ==================  ==============================
+:func:`send` (point to point)           1                   n
+:func:`ring_reduce_scatter`             p-1                 (p-1)/p·n
+:func:`ring_all_gather`                 p-1                 (p-1)/p·n   (n: the whole output)
+:func:`ring_all_reduce`                 2(p-1)              2(p-1)/p·n
+:func:`recursive_doubling_all_reduce`   lg p                lg p·n       (p a power of two)
+                                        floor(lg p)+2       (floor(lg p)+2)·n   (otherwise)
+:func:`naive_all_reduce`                2(p-1)              2(p-1)·n     (parameter server)
+:func:`broadcast` (binomial tree)       ceil(lg p)          ceil(lg p)·n
+:func:`all_to_all` (pairwise)           p-1                 (p-1)/p·n   (n: one rank's input)
+:func:`barrier` (dissemination)         ceil(lg p)          0
+======================================  ==================  ==============================
 
 Reduction arithmetic (the paper's gamma term) grows with n like b in every algorithm here;
 a fit of alpha and beta per algorithm (:mod:`distlab.communication.cost_model`) absorbs it.

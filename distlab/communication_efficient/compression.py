@@ -205,7 +205,7 @@ class LowPrecision(Compressor):
 
 
 def make_compressor(method: str, ratio: float = 0.01, seed: int = 0) -> Compressor:
-    """The compressor called ``method`` (one of :data:`METHODS`); ``ratio`` (in (0, 1]) and
+    """The compressor called ``method`` (one of ``METHODS``); ``ratio`` (in (0, 1]) and
     ``seed`` (0..2^31) are used by top-k and random-k, and checked whatever the method."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not a compressor; allowed {METHODS}")

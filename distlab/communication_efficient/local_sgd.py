@@ -77,7 +77,7 @@ class LocalSGDConfig:
     """Labels per rank for ``"label_skewed"`` shards, 1 to 10."""
     compression: str = "none"
     """How updates are compressed: one of
-    :data:`distlab.communication_efficient.compression.METHODS`."""
+    ``distlab.communication_efficient.compression.METHODS``."""
     ratio: float = 0.01
     """Fraction of coordinates top-k and random-k keep, in (0, 1]."""
     error_feedback: bool = True

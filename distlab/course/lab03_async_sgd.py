@@ -75,7 +75,7 @@ def simulated_name(values: dict) -> str:
 def sweep(staleness_values, lrs, **settings) -> pd.DataFrame:
     """Final loss over a grid of ``staleness x lr`` (simulated): a tidy frame for a heatmap.
 
-    ``settings`` set fields of the :class:`SimulatedStalenessConfig` or of its workload by
+    ``settings`` set fields of the :class:`~distlab.asynchronous.simulated_staleness.SimulatedStalenessConfig` or of its workload by
     name (``num_steps=60``). Diverged runs get ``loss = inf``. Columns: ``staleness, lr,
     diverged, loss``.
     """

@@ -32,8 +32,8 @@ n·beta per buffer tensor), so BatchNorm's running statistics are rank 0's every
 parameters with ``requires_grad=False`` are left alone; a parameter shared by several layers
 (tied weights) is averaged once; a parameter this rank's forward did not use (a branch its
 data did not take) contributes zeros, so every rank issues the same collectives in the same
-order; :meth:`no_sync` accumulates gradients locally; call
-:meth:`finish_gradient_synchronization` after ``backward()`` and before ``optimizer.step()``.
+order; ``no_sync()`` accumulates gradients locally; call
+``finish_gradient_synchronization()`` after ``backward()`` and before ``optimizer.step()``.
 Any ``torch.optim`` optimizer then works unchanged. Every buffer is allocated on its
 parameters' device. All communication goes through :mod:`distlab.comm`, so bytes and time
 are counted. Sparse gradients (``nn.Embedding(sparse=True)``) are refused at construction.

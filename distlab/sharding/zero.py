@@ -5,15 +5,15 @@ and Adam's two moments: with Ψ fp32 parameters that is 4Ψ + 4Ψ + 8Ψ = 16Ψ b
 however many ranks there are. ZeRO (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations
 Toward Training Trillion Parameter Models", section 5 and Figure 1) removes the redundancy:
 
-==========  ===============================  =====================  ==========================
-stage       each rank keeps                  bytes per rank (fp32)  communication per step
-==========  ===============================  =====================  ==========================
-0 (naive)   everything                       (4 + 4 + K)Ψ           all-reduce grads: 2Ψ
-1  P_os     1/N of the optimizer state       (4 + 4 + K/N)Ψ         reduce-scatter grads Ψ +
-                                                                    all-gather params Ψ = 2Ψ
-2  P_os+g   ... and 1/N of the gradients     (4 + (4 + K)/N)Ψ       the same 2Ψ
-3  P_os+g+p ... and 1/N of the parameters    (4 + 4 + K)Ψ/N         3Ψ, see :mod:`distlab.sharding.fsdp`
-==========  ===============================  =====================  ==========================
+============  ===============================  =====================  ==========================
+stage         each rank keeps                  bytes per rank (fp32)  communication per step
+============  ===============================  =====================  ==========================
+0 (naive)     everything                       (4 + 4 + K)Ψ           all-reduce grads: 2Ψ
+1  P_os       1/N of the optimizer state       (4 + 4 + K/N)Ψ         reduce-scatter grads Ψ +
+                                                                      all-gather params Ψ = 2Ψ
+2  P_os+g     ... and 1/N of the gradients     (4 + (4 + K)/N)Ψ       the same 2Ψ
+3  P_os+g+p   ... and 1/N of the parameters    (4 + 4 + K)Ψ/N         3Ψ, see :mod:`distlab.sharding.fsdp`
+============  ===============================  =====================  ==========================
 
 K is the optimizer's state in bytes per parameter (Adam: m and v, K = 8; SGD with momentum:
 K = 4). Volumes are per rank, times (N-1)/N; in the alpha-beta model a ring reduce-scatter

@@ -4,14 +4,26 @@
 :meth:`LiveFigure.callback` to :func:`distlab.start` as ``on_metrics``: the workers'
 records arrive on a background thread, are buffered, and are drawn at most a few times a
 second, so the notebook stays responsive however fast the workers report.
+
+A page built without a live kernel (the course website, ``docs/``) cannot show a
+``FigureWidget``. The docs build sets ``DISTLAB_STATIC_FIGURES=1`` (:data:`STATIC`); then every
+figure is shown as plotly HTML that needs only plotly.js, which the site serves from the
+plotly package, and a :class:`LiveFigure` redraws its copy in place as runs finish. In
+JupyterLab nothing changes.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import pandas as pd
 import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.io.base_renderers import MimetypeRenderer
+
+STATIC = os.environ.get("DISTLAB_STATIC_FIGURES", "0") not in ("", "0", "false", "False")
+"""True under ``DISTLAB_STATIC_FIGURES=1``: figures are drawn for a static page (see above)."""
 
 AXIS_TITLES = {
     "step": "step", "time": "wall time (s)", "loss": "training loss", "val_loss": "held-out loss",
@@ -41,7 +53,7 @@ class LiveFigure:
                  per_rank: bool = False, log_y: bool = False, min_interval: float = 0.25,
                  height: int = 360):
         self.x, self.y, self.per_rank, self.min_interval = x, y, per_rank, min_interval
-        self.figure = go.FigureWidget(layout=dict(
+        self.figure = (PageFigureWidget if STATIC else go.FigureWidget)(layout=dict(
             title=title or f"{axis_title(y)} against {axis_title(x)}", height=height,
             xaxis_title=axis_title(x), yaxis_title=axis_title(y),
             yaxis_type="log" if log_y else "linear", margin=dict(l=60, r=20, t=50, b=50),
@@ -49,6 +61,10 @@ class LiveFigure:
         self._points: dict[str, dict[int, list]] = {}
         self._lock = threading.Lock()
         self._last_draw = 0.0
+
+    def _ipython_display_(self):
+        from IPython.display import display
+        display(self.figure)
 
     def callback(self, run: str):
         """An ``on_metrics`` callback that adds the records of run ``run`` to this figure."""
@@ -101,16 +117,68 @@ class LiveFigure:
                     existing[name].x, existing[name].y = xs, ys
                 else:
                     fig.add_scatter(x=xs, y=ys, mode="lines", name=name)
+        if STATIC:
+            fig.redraw_page()
 
     def clear(self) -> None:
         with self._lock:
             self._points.clear()
         self.figure.data = []
+        if STATIC:
+            self.figure.redraw_page()
 
     def static(self) -> go.Figure:
         """A plain ``go.Figure`` copy, for HTML reports."""
         self.draw()
         return go.Figure(self.figure)
+
+
+class PageFigureWidget(go.FigureWidget):
+    """A ``FigureWidget`` that shows itself as a static figure, redrawn in place.
+
+    What :class:`LiveFigure` draws into under :data:`STATIC`: it still is a widget (a panel
+    lays it out among its controls), but displaying it shows :func:`page_html` of it, and
+    :meth:`redraw_page` replaces every copy shown so far, so a page built by executing a lab
+    shows each figure as the lab left it rather than as it was when first displayed.
+    """
+
+    _esm = "export default {}"   # never drawn as a widget: not plotly's 5 MB bundle as state
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._page_copies = []   # one IPython DisplayHandle per time this figure was shown
+
+    def _ipython_display_(self):
+        from IPython.display import display
+        self._page_copies.append(display(page_html(self), raw=True, display_id=True))
+
+    def redraw_page(self) -> None:
+        """Replace every copy shown so far by the figure as it is now."""
+        for copy in self._page_copies:
+            copy.update(page_html(self), raw=True)
+
+
+def page_html(fig: go.Figure) -> dict:
+    """``fig`` as a ``text/html`` bundle for a static page: a plotly div and its script.
+
+    Neither plotly.js nor MathJax comes with it (nothing from a CDN either): the page loads
+    plotly.js once, from the copy in the plotly package (``docs/conf.py`` serves it).
+    """
+    return {"text/html": pio.to_html(fig, full_html=False, include_plotlyjs=False,
+                                     include_mathjax=False)}
+
+
+class _PageRenderer(MimetypeRenderer):
+    """Plotly's renderer under :data:`STATIC`: every ``go.Figure`` a lab shows is drawn by
+    :func:`page_html` (plotly's own notebook renderers embed plotly.js or fetch it)."""
+
+    def to_mimebundle(self, fig_dict):
+        return page_html(fig_dict)
+
+
+if STATIC:
+    pio.renderers["distlab_page"] = _PageRenderer()
+    pio.renderers.default = "distlab_page"
 
 
 COMM_KINDS = ("all_reduce", "broadcast", "send", "recv", "all_gather", "reduce_scatter")

@@ -18,7 +18,7 @@ import ipywidgets as W
 import pandas as pd
 
 from distlab.launcher import Run
-from distlab.ui.figures import LiveFigure
+from distlab.ui.figures import STATIC, LiveFigure
 
 
 def configure(config: Any, values: dict) -> Any:
@@ -93,6 +93,9 @@ class RunPanel:
 
     def _ipython_display_(self):
         from IPython.display import display
+        if STATIC:     # a page built without a kernel: the figures, redrawn as runs finish
+            display(*self.figures)
+            return
         display(self.widget)
 
     def values(self) -> dict:
