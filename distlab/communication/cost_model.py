@@ -174,8 +174,7 @@ def time_collective(fn, numel: int, group=None, network: Network | None = None,
     The median over ``repeats`` timed blocks of the slowest rank's time per call; a block
     repeats the call enough times that small messages are not lost in the clock's noise.
     """
-    if not (is_int(numel) and numel >= 1):
-        raise ValueError(f"time_collective: numel={numel!r} is out of range; allowed an int >= 1")
+    require_arg("time_collective: numel", numel, is_int(numel) and numel >= 1, "an int >= 1")
     if not (is_int(repeats) and 1 <= repeats <= 1000):
         raise ValueError(f"time_collective: repeats={repeats!r} is out of range; "
                          "allowed 1..1000")

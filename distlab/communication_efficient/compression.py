@@ -264,8 +264,7 @@ def bytes_sent_per_call(compressor: Compressor, numel: int, world_size: int) -> 
     an all-reduce of the b-byte payload (rounded down, as :func:`distlab.comm.all_reduce`
     counts), ``(p-1)·b`` for an all-gather of p payloads.
     """
-    if not isinstance(compressor, Compressor):
-        raise ValueError(f"compressor={compressor!r} is out of range; allowed a Compressor")
+    require_arg("compressor", compressor, isinstance(compressor, Compressor), "a Compressor")
     require_arg("numel", numel, is_int(numel) and numel >= 1, "integers >= 1")
     require_arg("world_size", world_size, is_int(world_size) and world_size >= 1, "integers >= 1")
     b, p = compressor.payload_bytes(numel), world_size

@@ -110,8 +110,7 @@ def problem(config, count: int, classes: int, device=None):
 def split(data, shards: str, count: int, classes: int, seed: int) -> list[torch.Tensor]:
     """``count`` shards of the training set: ``"iid"`` or ``"label_skewed"`` with ``classes``
     labels each (:func:`distlab.problems.data.label_skewed_shards`, which checks both)."""
-    if shards not in SHARDS:
-        raise ValueError(f"shards={shards!r} is out of range; allowed one of {SHARDS}")
+    require_arg("shards", shards, shards in SHARDS, f"one of {SHARDS}")
     if shards == "iid":
         return [shard_indices(len(data.y), r, count, seed=seed) for r in range(count)]
     return label_skewed_shards(data.y, count, classes, seed)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from distlab import comm
-from distlab.checks import is_int, is_number, require
+from distlab.checks import is_int, is_number, require, require_arg
 from distlab.communication.collectives import ALL_REDUCES
 from distlab.communication.cost_model import KIB, MIB, Fit, time_collective
 from distlab.communication.netsim import Network
@@ -83,8 +83,7 @@ def start_sweep(world_size: int = 4, algorithm: str = "ring", max_nbytes: int = 
     ``bandwidth_gbit`` Gbit/s link (:class:`distlab.communication.netsim.Network`). Bad
     values raise here, before any process starts, whether ``inject`` is ticked or not.
     """
-    if not isinstance(inject, bool):
-        raise ValueError(f"start_sweep: inject={inject!r} is out of range; allowed True or False")
+    require_arg("start_sweep: inject", inject, isinstance(inject, bool), "True or False")
     for name, value in (("latency_us", latency_us), ("bandwidth_gbit", bandwidth_gbit)):
         if not (is_number(value) or value == math.inf):
             raise ValueError(f"start_sweep: {name}={value!r} is not a number")

@@ -15,7 +15,7 @@ import plotly.express as px
 
 from distlab.data_parallel import sync_sgd
 from distlab.data_parallel.sync_sgd import SyncSGDConfig
-from distlab.checks import is_int
+from distlab.checks import is_int, require_arg
 from distlab.launcher import MAX_WORLD_SIZE
 
 
@@ -26,8 +26,7 @@ def timeline(config: SyncSGDConfig, steps: int = 3, **fields) -> list[dict]:
     :func:`~distlab.data_parallel.sync_sgd.train`'s ``"timeline"``, for
     :func:`distlab.ui.figures.timeline_figure`.
     """
-    if not (is_int(steps) and steps >= 1):
-        raise ValueError(f"timeline: steps={steps!r} is out of range; allowed an int >= 1")
+    require_arg("timeline: steps", steps, is_int(steps) and steps >= 1, "an int >= 1")
     out = sync_sgd.run(replace(config, timeline_steps=steps, **fields))
     return [event for rank_out in out for event in rank_out["timeline"]]
 
@@ -52,9 +51,9 @@ def scaling_sweep(config: SyncSGDConfig, nodes=(1, 2, 4), figure=None) -> pd.Dat
         broadcast) and ``efficiency`` = T(1)/T(N), the one-node step time over this one's.
     """
     nodes = tuple(nodes)
-    if not (nodes and all(is_int(n) and 1 <= n <= MAX_WORLD_SIZE for n in nodes)):
-        raise ValueError(f"scaling_sweep: nodes={nodes!r} is out of range; allowed ints in "
-                         f"1..{MAX_WORLD_SIZE}, at least one")
+    require_arg("scaling_sweep: nodes", nodes,
+                nodes and all(is_int(n) and 1 <= n <= MAX_WORLD_SIZE for n in nodes),
+                f"ints in 1..{MAX_WORLD_SIZE}, at least one")
     per_node = config.workload.batch_size // config.world_size
     rows = []
     for n in nodes:

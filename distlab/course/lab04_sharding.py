@@ -58,11 +58,9 @@ def make_stage(stage: int, model: torch.nn.Module, optimizer: str = "adam", grou
 
 def require_stage(stage, optimizer) -> None:
     """Refuse a stage or optimizer name that :func:`make_stage` does not know."""
-    if stage not in STAGES or not is_int(stage):
-        raise ValueError(f"stage={stage!r} is out of range; allowed 0, 1, 2 or 3")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer={optimizer!r} is out of range; allowed one of "
-                         f"{sorted(OPTIMIZERS)}")
+    require_arg("stage", stage, is_int(stage) and stage in STAGES, "0, 1, 2 or 3")
+    require_arg("optimizer", optimizer, optimizer in OPTIMIZERS,
+                f"one of {sorted(OPTIMIZERS)}")
 
 
 @dataclass(frozen=True)

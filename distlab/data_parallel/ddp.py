@@ -59,6 +59,17 @@ def broadcast_module(module: nn.Module, group=None) -> None:
     _broadcast(list(module.parameters()) + list(module.buffers()), group)
 
 
+def grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
+    """``p.grad``, set to zeros first when this rank's backward did not reach ``p``.
+
+    Every rank must join every collective in the same order, so a parameter this rank did
+    not use contributes zeros rather than being skipped.
+    """
+    if p.grad is None:
+        p.grad = torch.zeros_like(p)
+    return p.grad
+
+
 def average_gradients(params, group=None) -> None:
     """Average every parameter's gradient over the group, in place: the one averaging that
     every data-parallel, sharded and elastic algorithm in distlab uses.
@@ -77,9 +88,8 @@ def average_gradients(params, group=None) -> None:
     unique = {id(p): p for p in params if p.requires_grad}.values()
     buckets: dict[tuple, list[torch.Tensor]] = {}
     for p in unique:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        g = grad_or_zeros(p)
+        buckets.setdefault((g.device, g.dtype), []).append(g)
     for grads in buckets.values():
         flat = torch.cat([g.reshape(-1) for g in grads])    # (n,): every gradient, end to end
         comm.all_reduce(flat, group=group)
@@ -132,12 +142,6 @@ class _DDP(nn.Module):
         """Block until every gradient is averaged over the group; call before the step."""
         raise NotImplementedError
 
-    def _grad(self, p: torch.Tensor) -> torch.Tensor:
-        # Every rank must join every collective: an unused parameter contributes zeros.
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        return p.grad
-
     def _all_reduce(self, tensor: torch.Tensor, async_op: bool = False):
         """Average ``tensor`` in place (pre-divided, as DDP does); record when it ran."""
         tensor.div_(self.world_size)
@@ -162,7 +166,7 @@ class NaiveDDP(_DDP):
         if not self._grad_sync:
             return
         for p in self.params:
-            self._all_reduce(self._grad(p))
+            self._all_reduce(grad_or_zeros(p))
 
 
 class FlatDDP(_DDP):
@@ -229,7 +233,7 @@ class _Overlapped(_DDP):
             return
         for p in self.params:   # not reached by this rank's backward: zeros, same order
             if id(p) not in self._ready:
-                self._grad(p)
+                grad_or_zeros(p)
                 self._mark_ready(p)
         for b, work in enumerate(self._works):
             work.wait()

@@ -247,8 +247,8 @@ def load_latest(directory: str, rank: int = 0) -> Checkpoint | None:
     With atomic saves the newest always loads; the fallback guards against what atomicity
     cannot (a disk that returns bad bytes), at the price of more lost work.
     """
-    if not (is_int(rank) and rank >= 0):    # before the loop, which takes errors for bad files
-        raise ValueError(f"rank={rank!r} is out of range; allowed an int >= 0")
+    # Before the loop, which takes errors for bad files.
+    require_arg("rank", rank, is_int(rank) and rank >= 0, "an int >= 0")
     for path in reversed(committed(directory)):
         try:
             return load(path, rank)

@@ -118,14 +118,12 @@ def label_skewed_shards(y: torch.Tensor, world_size: int, classes_per_rank: int 
         ValueError: ``classes_per_rank`` above the number of labels, or a label with fewer
             examples than shards that must hold it (too many shards for this data).
     """
-    from distlab.checks import is_int
+    from distlab.checks import is_int, require_arg
     for name, value in (("world_size", world_size), ("classes_per_rank", classes_per_rank)):
-        if not (is_int(value) and value >= 1):
-            raise ValueError(f"{name}={value!r} is out of range; allowed integers >= 1")
+        require_arg(name, value, is_int(value) and value >= 1, "integers >= 1")
     labels, counts = torch.unique(y.flatten(), return_counts=True)
-    if classes_per_rank > len(labels):
-        raise ValueError(f"classes_per_rank={classes_per_rank} is out of range; allowed 1.."
-                         f"{len(labels)} (the number of labels in y)")
+    require_arg("classes_per_rank", classes_per_rank, classes_per_rank <= len(labels),
+                f"1..{len(labels)} (the number of labels in y)")
     g = torch.Generator().manual_seed(seed)
     ring = torch.randperm(len(labels), generator=g).tolist()     # positions -> label indices
     holders: list[list[int]] = [[] for _ in labels]               # label index -> its shards

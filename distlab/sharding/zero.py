@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from distlab.data_parallel.ddp import average_gradients
+from distlab.data_parallel.ddp import average_gradients, grad_or_zeros
 from distlab.sharding.layout import ShardLayout, all_gather_rows, reduce_scatter
 
 GRADIENT_MODES = ("averaged", "reduce_scatter", "sharded")
@@ -215,11 +215,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return
         if self.gradients == "reduce_scatter":
             for idx, layout in self._buckets:
-                for i in idx:
-                    p = self._params[i]
-                    if p.grad is None:        # a rank that did not use p still joins
-                        p.grad = torch.zeros_like(p)
-                grads = [self._params[i].grad for i in idx]
+                grads = [grad_or_zeros(self._params[i]) for i in idx]   # unused: zeros, joins
                 mine = reduce_scatter(layout.pack_rows(grads), self.group)
                 mine /= self.world_size
                 for j, i in enumerate(idx):
