@@ -173,8 +173,16 @@ def broadcast(tensor, src, group=None, async_op=False):
 
 
 def all_gather_into_tensor(output, input, group=None, async_op=False):
-    """``dist.all_gather_into_tensor``, counted as a ring all-gather: (p-1)/p·n each way."""
+    """``dist.all_gather_into_tensor``, counted as a ring all-gather: (p-1)/p·n each way.
+
+    On gloo it is p concurrent broadcasts, one from each rank into its slice of ``output``
+    (the same bytes): gloo's own all-gather took 1.5-1.7x as long at 2 and 4 ranks for rows
+    of 1 MiB, and it is every ZeRO and FSDP step's all-gather.
+    """
     vol = alpha_beta.ring_all_gather_bytes(nbytes(output), _p(group))
+    if dist.get_backend(group) == "gloo" and output.is_contiguous():
+        return _run("all_gather", lambda: _broadcast_slices(output, input, group, async_op),
+                    vol, vol, async_op)
     return _run("all_gather", lambda: _all_gather_single(
         output, input, group=group, async_op=async_op), vol, vol, async_op)
 
@@ -203,6 +211,40 @@ def reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=None, async
     vol = alpha_beta.ring_reduce_scatter_bytes(nbytes(input), p)
     return _run("reduce_scatter", lambda: _reduce_scatter_single(
         output, input, op=op, group=group, async_op=async_op), vol, vol, async_op)
+
+
+def _broadcast_slices(output, input, group, async_op):
+    """All-gather as broadcasts: row r of ``output`` viewed as (p, n) comes from rank r."""
+    p = _p(group)
+    if output.numel() != p * input.numel() or output.dtype != input.dtype:
+        raise ValueError(f"all_gather_into_tensor: output of {output.numel()} "
+                         f"{output.dtype} elements must hold {p} inputs of {input.numel()} "
+                         f"{input.dtype}")
+    rows = output.view(p, -1)                                 # (p, n): one row per rank
+    me = dist.get_rank(group)
+    rows[me].copy_(input.reshape(-1))
+    works = [dist.broadcast(rows[r], r if group is None else dist.get_global_rank(group, r),
+                            group=group, async_op=True) for r in range(p)]
+    work = _AllOf(works)
+    if async_op:
+        return work
+    work.wait()
+    return None
+
+
+class _AllOf:
+    """Several ``Work`` handles waited for as one."""
+
+    def __init__(self, works):
+        self._works = works
+
+    def wait(self, timeout=None):
+        for w in self._works:
+            w.wait() if timeout is None else w.wait(timeout)
+        return True
+
+    def is_completed(self):
+        return all(w.is_completed() for w in self._works)
 
 
 def barrier(group=None):

@@ -4,13 +4,16 @@ Starting a Python process and importing torch costs about a second of CPU; forki
 server that did it once costs milliseconds and shares torch's pages between the workers.
 ``spawn`` would re-import everything in every worker and cannot run a function defined in
 a notebook; a plain ``fork`` of a threaded Jupyter kernel can deadlock. The forkserver is
-started once per session (:func:`warm_up`), single-threaded, before any worker is needed.
+started once per session, single-threaded, before any worker is needed: in a notebook by
+``import distlab`` itself (:func:`start_in_background`), so that it imports torch while
+the student reads the next cell, elsewhere by the first launch or :func:`warm_up`.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
+import sys
 import threading
-from multiprocessing import popen_forkserver, spawn
+from multiprocessing import forkserver, popen_forkserver, spawn
 
 # torch._dynamo: torch.optim imports it on the first step; preloading it once in the
 # forkserver saves every worker about 2 s of CPU.
@@ -55,6 +58,20 @@ class WorkerProcess(mp.context.ForkServerProcess):
     @staticmethod
     def _Popen(process_obj):
         return _Popen(process_obj)
+
+
+def start_in_background() -> None:
+    """Start the forkserver without waiting for it, in an interactive session only.
+
+    Its imports (torch, ``torch._dynamo``: about a second of CPU on an idle core, the bulk of
+    a first launch) then overlap with whatever the session does next. Only a notebook or
+    a REPL starts it at import: a script, the command line or a ``torchrun`` worker that
+    imports distlab may never launch anything, and should not pay for a server.
+    """
+    if not ("ipykernel" in sys.modules or "IPython" in sys.modules or hasattr(sys, "ps1")):
+        return
+    context()                       # the preload list, before the server starts
+    forkserver.ensure_running()     # returns once it is spawned; it imports on its own
 
 
 def warm_up() -> None:

@@ -25,6 +25,9 @@ where the processes come from, in :mod:`distlab.forkserver`.
 """
 from __future__ import annotations
 
+import glob
+import os
+import sys
 from typing import Callable
 
 from distlab.forkserver import warm_up  # noqa: F401 (public here too)
@@ -108,6 +111,12 @@ def start(fn: Callable, world_size: int, *args, backend: str | None = None,
 # ----------------------------------------------------------------------------------------
 
 def _cuda_count() -> int:
+    # Importing torch here would be most of a first launch's time (about a second on an
+    # idle core) in a session that has not imported it: without a GPU device node there is
+    # nothing to count.
+    if "torch" not in sys.modules and not (glob.glob("/dev/nvidia[0-9]*")
+                                           or os.path.exists("/dev/kfd")):
+        return 0
     import torch
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 

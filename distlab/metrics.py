@@ -27,10 +27,12 @@ column                     meaning
 from __future__ import annotations
 
 import time
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from distlab import worker as _worker
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 COLUMNS = ("run", "rank", "step", "time")
 
@@ -81,6 +83,7 @@ def local_records() -> list[dict]:
 
 def to_frame(records: list[dict], run: str | None = None) -> pd.DataFrame:
     """Records as a tidy DataFrame: one row per report, ``run, rank, step, time`` first."""
+    import pandas as pd      # here, not at the top: pandas is half a second of `import distlab`
     df = pd.DataFrame.from_records(records)
     if df.empty:
         df = pd.DataFrame(columns=["rank", "step", "time"])

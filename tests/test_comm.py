@@ -67,3 +67,32 @@ def test_built_in_collectives_book_their_model_bytes(wrapped):
         assert ops["all_gather"]["bytes_sent"] == (p - 1) * 24 // p
         assert totals["comm_time"] > 0
         assert totals["bytes_sent"] == sum(o["bytes_sent"] for o in ops.values())
+
+
+def gathers_on_gloo():
+    rank = dist.get_rank()
+    out = {}
+    for dtype in (torch.float32, torch.float64, torch.int64):
+        x = torch.arange(5, dtype=dtype) + 10 * rank
+        ours, theirs = torch.empty(5 * 3, dtype=dtype), torch.empty(5 * 3, dtype=dtype)
+        comm.all_gather_into_tensor(ours, x)
+        dist.all_gather_into_tensor(theirs, x)
+        out[dtype] = (ours, theirs)
+    work = comm.all_gather_into_tensor(a := torch.empty(6), torch.full((2,), float(rank)),
+                                       async_op=True)
+    work.wait()
+    upper = dist.new_group([1, 2])                 # peers named by their global rank
+    pair = torch.empty(4)
+    if rank in (1, 2):
+        comm.all_gather_into_tensor(pair, torch.full((2,), float(rank)), group=upper)
+    return out, a, pair, comm.ledger().by_op()["all_gather"]["calls"]
+
+
+def test_all_gather_into_tensor_on_gloo_equals_torch_distributed():
+    for rank, (out, a, pair, calls) in enumerate(distlab.launch(gathers_on_gloo, 3)):
+        for dtype, (ours, theirs) in out.items():
+            torch.testing.assert_close(ours, theirs, msg=str(dtype))
+        torch.testing.assert_close(a, torch.tensor([0., 0., 1., 1., 2., 2.]))
+        if rank > 0:
+            torch.testing.assert_close(pair, torch.tensor([1., 1., 2., 2.]))
+        assert calls == 4 + (rank > 0)             # one all-gather booked per call

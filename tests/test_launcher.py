@@ -1,4 +1,6 @@
 """distlab.launch: real processes, results in rank order, and every failure path."""
+import functools
+import glob
 import os
 import signal
 import subprocess
@@ -50,6 +52,26 @@ def test_closure_and_lambda_travel_by_value():
 def test_world_size_one_and_threads():
     assert distlab.launch(lambda: torch.get_num_threads(), 1) == [1]
     assert distlab.launch(lambda: torch.get_num_threads(), 1, num_threads=2) == [2]
+
+
+def test_ranks_are_pinned_round_robin_only_when_they_outnumber_the_cores():
+    from distlab.worker import pinned_core
+    assert [pinned_core(r, 4, 1, [2, 3]) for r in range(4)] == [2, 3, 2, 3]
+    assert [pinned_core(r, 2, 1, [2, 3]) for r in range(2)] == [None, None]
+    assert pinned_core(0, 4, 2, [2, 3]) is None          # several torch threads: not one core
+
+
+def affinity():
+    return sorted(os.sched_getaffinity(0))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) > 3, reason="needs more ranks than cores")
+def test_a_launch_with_more_ranks_than_cores_pins_each_rank_to_one_core():
+    cores = sorted(os.sched_getaffinity(0))
+    p = len(cores) + 1
+    assert distlab.launch(affinity, p) == [[cores[r % len(cores)]] for r in range(p)]
+    assert distlab.launch(affinity, len(cores)) == [cores] * len(cores)
+    assert distlab.launch(affinity, p, num_threads=2) == [cores] * p
 
 
 def test_output_is_forwarded_prefixed_by_rank(capfd):
@@ -287,3 +309,37 @@ def test_a_kernel_killed_hard_leaves_no_process_behind():
     for p in alive:
         p.kill()
     assert not alive, f"still running 5 s after the kernel was killed: {alive}"
+
+
+FRESH_SESSION = textwrap.dedent("""
+    import sys, types
+    if sys.argv[1] == "notebook":
+        sys.modules["ipykernel"] = types.ModuleType("ipykernel")   # what a kernel has loaded
+    import multiprocessing.forkserver as forkserver
+    import distlab
+    started = forkserver._forkserver._forkserver_pid is not None
+    assert distlab.launch(lambda: 1, 2) == [1, 1]
+    print(started, "torch" in sys.modules)
+""")
+
+
+
+@functools.lru_cache(maxsize=None)
+def fresh_session(session: str) -> tuple[str, str]:
+    """``(forkserver started at import, torch imported by the launching process)``."""
+    out = subprocess.run([sys.executable, "-c", FRESH_SESSION, session], capture_output=True,
+                         text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    started, torch_imported = out.stdout.split()
+    return started, torch_imported
+
+
+@pytest.mark.parametrize("session, starts_at_import", [("notebook", "True"), ("script", "False")])
+def test_import_starts_the_forkserver_only_in_a_notebook(session, starts_at_import):
+    assert fresh_session(session)[0] == starts_at_import
+
+
+@pytest.mark.skipif(bool(glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")),
+                    reason="with a GPU the launcher asks torch how many there are")
+def test_a_launch_does_not_import_torch_in_the_launching_process():
+    assert fresh_session("script")[1] == "False"

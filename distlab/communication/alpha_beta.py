@@ -31,12 +31,22 @@ function                                a (messages)        b (bytes on the busi
 
 Reduction arithmetic (the paper's gamma term) grows with n like b in every algorithm here;
 a fit of alpha and beta per algorithm (:mod:`distlab.communication.cost_model`) absorbs it.
+
+One term the paper does not need, because its ranks each have a processor: on one machine
+with fewer cores than ranks, every message also waits for its receiver to get a core.
+:func:`oversubscription` measures how crowded the cores are, and
+:func:`oversubscribed_alpha` turns it into a latency that grows with it,
+``alpha + gamma·max(0, p/c - 1)`` for p ranks on c cores (:func:`machine_cores`), with
+gamma fitted like alpha and beta (:func:`distlab.communication.cost_model.fit`;
+:func:`~distlab.communication.cost_model.errors_by_crowding` gives the fit's median error
+for p <= c and for p > c).
 This module imports nothing from distlab, so the ledger in :mod:`distlab.comm` can use it.
 """
 from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import NamedTuple
 
 
@@ -143,6 +153,41 @@ COSTS = {"ring": ring_all_reduce, "recursive_doubling": recursive_doubling_all_r
 built-in, booked as a ring), and the ring's two halves."""
 
 
+# -- an oversubscribed machine: more ranks than cores ---------------------------------
+
+def oversubscription(world_size: int, cores: int) -> float:
+    """How many ranks wait for each core, beyond the one it runs: ``max(0, p/c - 1)``.
+
+    0 while every rank has a core of its own. Each message wakes its receiver (on gloo an
+    event-loop thread, then the thread waiting for the data), and in every step of a
+    collective all p ranks want a core at once: with p > c each message waits, on average,
+    for the work of ``p/c - 1`` other ranks on its core before its receiver runs.
+    """
+    p = _ranks("oversubscription", world_size)
+    c = _ranks_as("oversubscription", "cores", cores)
+    return max(0.0, p / c - 1.0)
+
+
+def oversubscribed_alpha(alpha: float, gamma: float, world_size: int, cores: int) -> float:
+    """The latency of one message when ``world_size`` ranks share ``cores`` cores:
+    ``alpha + gamma·oversubscription(p, c)``, gamma in seconds per message per waiting rank.
+
+    ``Cost.time(oversubscribed_alpha(alpha, gamma, p, c), beta)`` is the time of a collective
+    on such a machine; with p <= c it is the plain ``a·alpha + b·beta``.
+    """
+    alpha = _seconds("oversubscribed_alpha", "alpha", alpha, "message")
+    gamma = _seconds("oversubscribed_alpha", "gamma", gamma, "message")
+    return alpha + gamma * oversubscription(world_size, cores)
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container or ``taskset``
+    narrows): the c of :func:`oversubscription`."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 # -- model bytes per rank ---------------------------------------------------------------
 
 def ring_all_reduce_bytes(nbytes: int, world_size: int) -> int:
@@ -237,15 +282,22 @@ def _bytes(where: str, nbytes) -> float:
 
 
 def _ranks(where: str, world_size) -> int:
-    _check(where, "world_size", world_size, isinstance(world_size, numbers.Integral)
-           and not isinstance(world_size, bool) and world_size >= 1, "an int >= 1")
-    return int(world_size)
+    return _ranks_as(where, "world_size", world_size)
+
+
+def _ranks_as(where: str, name: str, value) -> int:
+    _check(where, name, value, isinstance(value, numbers.Integral)
+           and not isinstance(value, bool) and value >= 1, "an int >= 1")
+    return int(value)
 
 
 def _alpha_beta(where: str, alpha, beta) -> tuple[float, float]:
-    _check(where, "alpha", alpha, _is_real(alpha) and alpha >= 0, "seconds per message >= 0")
-    _check(where, "beta", beta, _is_real(beta) and beta >= 0, "seconds per byte >= 0")
-    return alpha, beta
+    return _seconds(where, "alpha", alpha, "message"), _seconds(where, "beta", beta, "byte")
+
+
+def _seconds(where: str, name: str, value, per: str) -> float:
+    _check(where, name, value, _is_real(value) and value >= 0, f"seconds per {per} >= 0")
+    return value
 
 
 def _rank(where: str, rank, world_size: int) -> int:

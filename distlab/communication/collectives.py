@@ -26,10 +26,16 @@ every byte. :mod:`distlab.communication.cost_model` fits the table to your machi
 
 Options shared by every function (keyword-only):
 
-* ``check``: first compare shape and dtype across ranks with one tiny all-gather, so a
-  mismatch is a clear error on every rank instead of a wrong answer or a hang. Benchmarks
-  turn it off. Its bytes appear in the ledger under ``"all_gather"``, the algorithm's own
-  under ``"send"``/``"recv"``.
+* ``check``: compare shape and dtype across ranks with one tiny all-gather
+  (``distlab.communication.same_tensor``), so a mismatch is a clear error on every rank
+  instead of a wrong answer or a hang. The comparison is made
+  when a function meets a tensor shape and dtype other than the last ones every rank of the
+  group agreed on for it, so a loop over same-shaped tensors pays it once: on a loaded
+  machine one small collective costs milliseconds, a third of a 4 MiB ring's time. Its
+  bytes appear in the ledger under ``"all_gather"``, the algorithm's own under
+  ``"send"``/``"recv"``. (If one rank changes its shape while the others keep the agreed
+  one, they start the algorithm while it waits to compare: after 10 s it says so on its
+  stderr, and the launch's timeout ends the run.)
 * ``network``: a :class:`distlab.communication.netsim.Network` whose *injected* latency and bandwidth are
   added to every message (a simulated cluster on one machine).
 * ``trace``: a list; when given, one event per message is appended to it (who sent which
@@ -44,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from distlab import comm
+from distlab.communication.same_tensor import check_same_tensor
 
 _clock = time.perf_counter   # CLOCK_MONOTONIC: comparable across processes on one machine
 
@@ -65,40 +72,8 @@ def _group_rank_and_size(tensor, group, check, name) -> tuple[int, int]:
         raise ValueError(f"{name}: tensor must be contiguous (the result is written into its "
                          "memory); pass tensor.contiguous() and copy back")
     if check:
-        _check_same_tensor_everywhere(tensor, group, name)
+        check_same_tensor(tensor, group, name)
     return rank, dist.get_world_size(group)
-
-
-_MAX_DIMS = 8
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
-           torch.int32, torch.int16, torch.int8, torch.uint8, torch.complex64, torch.complex128)
-
-
-def _check_same_tensor_everywhere(tensor, group, name) -> None:
-    """Raise on every rank if the ranks' tensors differ in shape or dtype (one all-gather)."""
-    dims = list(tensor.shape)[:_MAX_DIMS]
-    code = _DTYPES.index(tensor.dtype) if tensor.dtype in _DTYPES else -1
-    sig = torch.tensor([code, tensor.dim(), tensor.numel(), hash(tuple(tensor.shape))]
-                       + dims + [-1] * (_MAX_DIMS - len(dims)), dtype=torch.int64,
-                       device=tensor.device)
-    p = dist.get_world_size(group)
-    rows = [torch.empty_like(sig) for _ in range(p)]
-    comm.all_gather(rows, sig, group=group)
-    rows = torch.stack(rows)                                  # (p, 4 + _MAX_DIMS)
-    if code < 0:
-        raise TypeError(f"{name}: dtype {tensor.dtype} is not supported; use one of {_DTYPES}")
-    if bool((rows == rows[0]).all()):
-        return
-
-    def describe(row):
-        ndim = int(row[1])
-        shape = tuple(int(d) for d in row[4: 4 + min(ndim, _MAX_DIMS)])
-        dtype = _DTYPES[int(row[0])] if 0 <= row[0] < len(_DTYPES) else "unsupported dtype"
-        return f"{shape}{'...' if ndim > _MAX_DIMS else ''} {dtype}"
-
-    seen = "; ".join(f"rank {r}: {describe(row)}" for r, row in enumerate(rows.tolist()))
-    raise ValueError(f"{name}: every rank must pass a tensor of the same shape and dtype, "
-                     f"but got {seen}")
 
 
 def _exchange(send_buf, dst, recv_buf, src, group, network, me, trace, event):
@@ -125,6 +100,24 @@ def _global(group, group_rank: int) -> int:
     return group_rank if group is None else dist.get_global_rank(group, group_rank)
 
 
+_spaces: dict[tuple, torch.Tensor] = {}   # (dtype, device) -> receive space, reused
+
+
+def _receive_space(numel: int, like: torch.Tensor) -> torch.Tensor:
+    """``numel`` elements of ``like``'s dtype and device for incoming messages, the same
+    memory from call to call (so one rank must not run two of these collectives at once).
+
+    A fresh buffer of megabytes costs a page fault per 4 KiB page when first written: for
+    the 8 MiB a 16 MiB ring receives on 2 ranks, about 4 ms, a third of the call. The space
+    grows to the largest call's and stays.
+    """
+    key = (like.dtype, like.device)
+    space = _spaces.get(key)
+    if space is None or space.numel() < numel:
+        space = _spaces[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return space[:numel]
+
+
 # ----------------------------------------------------------------------------------------
 # The naive all-reduce: gather to a root, add, broadcast back (the parameter server).
 # ----------------------------------------------------------------------------------------
@@ -147,7 +140,7 @@ def naive_all_reduce(tensor, group=None, *, check=True, network=None, trace=None
         _exchange(flat, 0, None, None, group, network, me, trace, dict(phase="gather", chunk=me))
         _exchange(None, None, flat, 0, group, network, me, trace, dict(phase="broadcast", chunk=0))
         return tensor
-    parts = [torch.empty_like(flat) for _ in range(p - 1)]
+    parts = _receive_space((p - 1) * flat.numel(), flat).view(p - 1, -1)   # (p-1, n)
     t0 = _clock()
     works = [comm.irecv(buf, _global(group, src), group=group)
              for src, buf in enumerate(parts, start=1)]   # every sender at once
@@ -187,7 +180,7 @@ def recursive_doubling_all_reduce(tensor, group=None, *, check=True, network=Non
     if p == 1 or tensor.numel() == 0:
         return tensor
     flat = tensor.view(-1)
-    buf = torch.empty_like(flat)
+    buf = _receive_space(flat.numel(), flat)
     p2 = 1 << (p.bit_length() - 1)     # largest power of two <= p
     extra = p - p2                     # ranks 0 .. 2·extra-1 fold into pairs
 
@@ -218,17 +211,19 @@ def recursive_doubling_all_reduce(tensor, group=None, *, check=True, network=Non
 # The ring: reduce-scatter, then all-gather, one chunk per step around the ring.
 # ----------------------------------------------------------------------------------------
 
-def _ring_pass(chunks, sends, recvs, add, group, network, me, p, trace, phase, step0):
+def _ring_pass(chunks, sends, recvs, add, group, network, me, p, trace, phase, step0,
+               pending=None):
     """p-1 steps around the ring: in step s send ``chunks[sends[s]]`` right, receive left.
 
     Every receive is posted before the first send (``recvs[s]`` is the buffer of step s, or
-    None for an empty chunk), so a message never waits for its receiver to say it is ready:
-    on gloo that handshake would otherwise sit on the critical path of every step. With
-    ``add``, the received buffer of step s is added into ``chunks[add[s]]``.
+    None for an empty chunk; ``pending`` the receives already posted), so a message never
+    waits for its receiver to say it is ready: on gloo that handshake would otherwise sit on
+    the critical path of every step. With ``add``, the received buffer of step s is added
+    into ``chunks[add[s]]``.
     """
     right, left = (me + 1) % p, (me - 1) % p
-    pending = [None if b is None else comm.irecv(b, _global(group, left), group=group)
-               for b in recvs]
+    if pending is None:
+        pending = _post_receives(recvs, group, left)
     sent = []     # a sent chunk is not written again in this pass: wait for the sends last
     for s in range(p - 1):
         t0 = _clock()
@@ -248,6 +243,11 @@ def _ring_pass(chunks, sends, recvs, add, group, network, me, p, trace, phase, s
         w.wait()
 
 
+def _post_receives(recvs, group, left):
+    return [None if b is None else comm.irecv(b, _global(group, left), group=group)
+            for b in recvs]
+
+
 def ring_reduce_scatter(tensor, group=None, *, check=True, network=None, trace=None):
     """Sum ``tensor`` over the group so that rank r ends with chunk r of the sum, in place.
 
@@ -265,11 +265,18 @@ def ring_reduce_scatter(tensor, group=None, *, check=True, network=None, trace=N
     chunks = tensor.view(-1).tensor_split(p)
     if p == 1 or tensor.numel() == 0:
         return chunks[me]
-    into = [(me - s - 2) % p for s in range(p - 1)]
-    bufs = [torch.empty_like(chunks[c]) if chunks[c].numel() else None for c in into]
-    _ring_pass(chunks, [(me - s - 1) % p for s in range(p - 1)], bufs, into, group, network,
-               me, p, trace, "reduce-scatter", 0)
+    _ring_pass(chunks, *_reduce_scatter_steps(chunks, me, p), group, network, me, p, trace,
+               "reduce-scatter", 0)
     return chunks[me]
+
+
+def _reduce_scatter_steps(chunks, me, p):
+    """``(sends, receive buffers, chunks to add into)`` of the reduce-scatter's p-1 steps."""
+    into = [(me - s - 2) % p for s in range(p - 1)]
+    sizes = [chunks[c].numel() for c in into]
+    space = _receive_space(sum(sizes), chunks[0]).split(sizes)
+    bufs = [b if n else None for b, n in zip(space, sizes)]
+    return [(me - s - 1) % p for s in range(p - 1)], bufs, into
 
 
 def ring_all_gather(tensor, group=None, *, check=True, network=None, trace=None):
@@ -287,11 +294,15 @@ def ring_all_gather(tensor, group=None, *, check=True, network=None, trace=None)
     if p == 1 or tensor.numel() == 0:
         return tensor
     chunks = tensor.view(-1).tensor_split(p)
-    into = [chunks[(me - s - 1) % p] for s in range(p - 1)]
-    _ring_pass(chunks, [(me - s) % p for s in range(p - 1)],
-               [c if c.numel() else None for c in into], None, group, network, me, p, trace,
+    _ring_pass(chunks, *_all_gather_steps(chunks, me, p), None, group, network, me, p, trace,
                "all-gather", p - 1)
     return tensor
+
+
+def _all_gather_steps(chunks, me, p):
+    """``(sends, receive buffers)`` of the all-gather's p-1 steps: chunks, in place."""
+    into = [chunks[(me - s - 1) % p] for s in range(p - 1)]
+    return [(me - s) % p for s in range(p - 1)], [c if c.numel() else None for c in into]
 
 
 def ring_all_reduce(tensor, group=None, *, check=True, network=None, trace=None):
@@ -301,14 +312,26 @@ def ring_all_reduce(tensor, group=None, *, check=True, network=None, trace=None)
     Horovod use for large tensors. Every rank sends and receives ``2(p-1)/p·n`` bytes, the
     lower bound, whatever p; the price is ``2(p-1)`` latency terms.
 
+    The all-gather's receives are posted with the reduce-scatter's, before anything is
+    sent, so no all-gather message waits for its receiver's ready signal. They write
+    straight into the chunks, and that is safe: the finished chunk c reaches this rank
+    only after this rank's partial sum of c has travelled round to c's owner, that is after
+    this rank is done with chunk c.
+
     Cost: :func:`distlab.communication.alpha_beta.ring_all_reduce`,
     ``2(p-1)·alpha + 2(p-1)/p·n·beta``.
     """
     me, p = _group_rank_and_size(tensor, group, check, "ring_all_reduce")
     if p == 1 or tensor.numel() == 0:
         return tensor
-    ring_reduce_scatter(tensor, group, check=False, network=network, trace=trace)
-    ring_all_gather(tensor, group, check=False, network=network, trace=trace)
+    chunks = tensor.view(-1).tensor_split(p)
+    sends, bufs, into = _reduce_scatter_steps(chunks, me, p)
+    gathers, places = _all_gather_steps(chunks, me, p)
+    pending = _post_receives(bufs + places, group, (me - 1) % p)
+    _ring_pass(chunks, sends, bufs, into, group, network, me, p, trace, "reduce-scatter", 0,
+               pending[:p - 1])
+    _ring_pass(chunks, gathers, places, None, group, network, me, p, trace, "all-gather",
+               p - 1, pending[p - 1:])
     return tensor
 
 

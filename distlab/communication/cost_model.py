@@ -16,6 +16,12 @@ On your machine: :func:`measure` times the algorithms of
 world sizes, and :func:`fit` finds the alpha and beta that explain the measurements best
 (least squares on the *relative* error, so 4 KiB and 16 MiB count alike), reporting how far
 the model is off. :func:`time_collective` is the timer that :func:`measure` runs on each rank.
+
+A laptop has fewer cores than a lab's ranks. Then every message also waits for its receiver
+to get a core, and the fit gets a third parameter, gamma: each message's latency becomes
+``alpha + gamma·max(0, p/c - 1)`` for p ranks on c cores
+(:func:`distlab.communication.alpha_beta.oversubscribed_alpha`). With p <= c the model is
+the paper's; :func:`errors_by_crowding` reports how well it holds on each side of c.
 """
 from __future__ import annotations
 
@@ -54,9 +60,14 @@ def terms(algorithm: str, nbytes: float, world_size: int) -> alpha_beta.Cost:
     return alpha_beta.COSTS[algorithm](nbytes, world_size)
 
 
-def predict(algorithm: str, nbytes: float, world_size: int, alpha: float, beta: float) -> float:
-    """The model's time in seconds: ``a·alpha + b·beta`` (see :func:`terms`)."""
-    return terms(algorithm, nbytes, world_size).time(alpha, beta)
+def predict(algorithm: str, nbytes: float, world_size: int, alpha: float, beta: float,
+            gamma: float = 0.0, cores: int | None = None) -> float:
+    """The model's time in seconds: ``a·alpha + b·beta`` (see :func:`terms`), and with
+    ``gamma`` the oversubscription term ``a·gamma·max(0, p/c - 1)`` for ``cores`` c (None:
+    this machine's, :func:`~distlab.communication.alpha_beta.machine_cores`)."""
+    cores = alpha_beta.machine_cores() if cores is None else cores
+    latency = alpha_beta.oversubscribed_alpha(alpha, gamma, world_size, cores)
+    return terms(algorithm, nbytes, world_size).time(latency, beta)
 
 
 @dataclass(frozen=True)
@@ -73,13 +84,20 @@ class Fit:
     """Largest relative error."""
     num_points: int
     """Measurements the fit explains."""
+    gamma: float = 0.0
+    """Seconds added to every message per rank waiting for a core (0 when no measurement had
+    more ranks than cores)."""
+    cores: int | None = None
+    """The machine's cores c of ``max(0, p/c - 1)``; None: this machine's."""
 
     def __post_init__(self):
         require(self, "algorithm", self.algorithm in alpha_beta.COSTS, f"one of {ALGORITHMS}")
-        for name in ("alpha", "beta", "median_error", "max_error"):
+        for name in ("alpha", "beta", "median_error", "max_error", "gamma"):
             require(self, name, is_number(getattr(self, name)) and getattr(self, name) >= 0,
                     "a number >= 0")
         require(self, "num_points", is_int(self.num_points) and self.num_points >= 1, ">= 1")
+        require(self, "cores", self.cores is None or (is_int(self.cores) and self.cores >= 1),
+                "None or an int >= 1")
 
     @property
     def bandwidth(self) -> float:
@@ -89,48 +107,82 @@ class Fit:
     def predict(self, nbytes, world_size: int):
         """Model time(s) for one size or an array of sizes."""
         a, b = np.vectorize(lambda n: terms(self.algorithm, n, world_size))(np.asarray(nbytes))
-        return a * self.alpha + b * self.beta
+        cores = alpha_beta.machine_cores() if self.cores is None else self.cores
+        return a * alpha_beta.oversubscribed_alpha(self.alpha, self.gamma, world_size,
+                                                   cores) + b * self.beta
 
     def __str__(self):
+        crowded = f", gamma = {1e6 * self.gamma:.1f} µs" if self.gamma else ""
         return (f"{self.algorithm}: alpha = {1e6 * self.alpha:.1f} µs, "
-                f"beta = {1e9 * self.beta:.3f} ns/B ({self.bandwidth / 1e9:.2f} GB/s), "
-                f"median error {100 * self.median_error:.0f}% (max {100 * self.max_error:.0f}%)"
-                f" over {self.num_points} points")
+                f"beta = {1e9 * self.beta:.3f} ns/B ({self.bandwidth / 1e9:.2f} GB/s)"
+                f"{crowded}, median error {100 * self.median_error:.0f}% "
+                f"(max {100 * self.max_error:.0f}%) over {self.num_points} points")
 
 
-def fit(measurements: pd.DataFrame) -> dict[str, Fit]:
-    """Fit alpha and beta per algorithm to ``measurements`` (columns ``algorithm``,
-    ``world_size``, ``nbytes``, ``time`` as :func:`measure` returns them).
+def fit(measurements: pd.DataFrame, cores: int | None = None) -> dict[str, Fit]:
+    """Fit alpha, beta and gamma per algorithm to ``measurements`` (columns ``algorithm``,
+    ``world_size``, ``nbytes``, ``time`` as :func:`measure` returns them), measured on a
+    machine of ``cores`` cores (None: this one's).
 
-    Least squares on relative errors: each row ``a·alpha + b·beta ≈ t`` is divided by t.
-    Both parameters are kept non-negative (a negative one is dropped and the other refitted).
+    Least squares on relative errors: each row ``a·alpha + b·beta + a·o·gamma ≈ t``, with
+    ``o = max(0, p/c - 1)`` (:func:`~distlab.communication.alpha_beta.oversubscription`), is
+    divided by t. Every parameter is kept non-negative (the best fit over the subsets of
+    parameters whose own fit is non-negative); gamma is 0 when no row has p > c.
     """
     _require_positive_times(measurements, "fit")
+    cores = alpha_beta.machine_cores() if cores is None else cores
+    require_arg("fit: cores", cores, is_int(cores) and cores >= 1, "None or an int >= 1")
     fits = {}
     for algorithm, df in measurements.groupby("algorithm", sort=False):
         ab = np.array([terms(algorithm, n, p) for n, p in zip(df["nbytes"], df["world_size"])])
+        crowding = np.array([alpha_beta.oversubscription(int(p), cores)
+                             for p in df["world_size"]])
+        X = np.column_stack([ab, ab[:, 0] * crowding])        # alpha, beta, gamma columns
         t = df["time"].to_numpy(dtype=float)
-        A = ab / t[:, None]                                   # rows scaled to relative error
-        ones = np.ones_like(t)
-        coef = np.linalg.lstsq(A, ones, rcond=None)[0]
-        if coef.min() < 0:                                    # keep only the useful term
-            single = [np.linalg.lstsq(A[:, [j]], ones, rcond=None)[0][0] for j in (0, 1)]
-            errs = [np.abs(A[:, j] * max(c, 0) - 1).sum() for j, c in enumerate(single)]
-            j = int(np.argmin(errs))
-            coef = np.zeros(2)
-            coef[j] = max(single[j], 0.0)
-        rel = np.abs(ab @ coef - t) / t
+        coef = _non_negative_least_squares(X / t[:, None])    # rows scaled to relative error
+        rel = np.abs(X @ coef - t) / t
         fits[algorithm] = Fit(algorithm, float(coef[0]), float(coef[1]),
-                              float(np.median(rel)), float(rel.max()), len(t))
+                              float(np.median(rel)), float(rel.max()), len(t),
+                              gamma=float(coef[2]), cores=cores)
     return fits
 
 
 def relative_errors(measurements: pd.DataFrame, fits: dict[str, Fit]) -> pd.Series:
     """``|model - measured| / measured`` for every row of ``measurements``."""
     _require_positive_times(measurements, "relative_errors")
-    model = [predict(a, n, p, fits[a].alpha, fits[a].beta) for a, n, p in
+    model = [fits[a].predict(n, int(p)) for a, n, p in
              zip(measurements["algorithm"], measurements["nbytes"], measurements["world_size"])]
-    return (np.asarray(model) - measurements["time"]).abs() / measurements["time"]
+    return (np.asarray(model, dtype=float) - measurements["time"]).abs() / measurements["time"]
+
+
+def errors_by_crowding(measurements: pd.DataFrame, fits: dict[str, Fit],
+                       cores: int | None = None) -> dict[str, float]:
+    """The median relative error where every rank has a core (``"p <= cores"``) and where
+    ranks outnumber the cores (``"p > cores"``); NaN for a side with no measurement.
+    ``cores`` defaults to the one the fits were made for."""
+    if cores is None:
+        cores = next(iter(fits.values())).cores or alpha_beta.machine_cores()
+    errors = relative_errors(measurements, fits)
+    crowded = (measurements["world_size"] > cores).to_numpy()
+    return {"p <= cores": float(errors[~crowded].median()) if (~crowded).any() else math.nan,
+            "p > cores": float(errors[crowded].median()) if crowded.any() else math.nan}
+
+
+def _non_negative_least_squares(A: np.ndarray) -> np.ndarray:
+    """The ``x >= 0`` minimising ``|A x - 1|``: the best over every subset of columns whose
+    own least-squares fit is non-negative (three columns: seven subsets, exactly)."""
+    ones = np.ones(len(A))
+    best, best_err = np.zeros(A.shape[1]), math.inf
+    for mask in range(1, 1 << A.shape[1]):
+        cols = [j for j in range(A.shape[1]) if mask >> j & 1]
+        if not A[:, cols].any(axis=0).all():                  # a column of zeros: no data
+            continue
+        x = np.zeros(A.shape[1])
+        x[cols] = np.linalg.lstsq(A[:, cols], ones, rcond=None)[0]
+        err = float(np.square(A @ x - ones).sum())
+        if x.min() >= 0 and err < best_err:
+            best, best_err = x, err
+    return best
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """distlab.communication.alpha_beta: the textbook formulas, and the model bytes against the
 bytes the algorithms really send on real gloo processes."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -42,6 +43,36 @@ def test_one_rank_costs_nothing():
         assert cost(1000, 1) == (0, 0), name
     assert ab.broadcast(1000, 1) == (0, 0) and ab.barrier(1) == (0, 0)
     assert ab.ring_all_reduce_bytes(1000, 1) == 0 and ab.broadcast_bytes(1000, 1) == 0
+
+
+def test_oversubscription_counts_the_ranks_waiting_for_each_core():
+    assert ab.oversubscription(2, 2) == 0.0 and ab.oversubscription(1, 16) == 0.0
+    assert ab.oversubscription(4, 2) == 1.0 and ab.oversubscription(8, 2) == 3.0
+    assert ab.oversubscription(3, 2) == pytest.approx(0.5)
+
+
+def test_oversubscribed_alpha_adds_gamma_per_waiting_rank_only_past_the_cores():
+    assert ab.oversubscribed_alpha(1e-5, 1e-3, 2, 2) == 1e-5
+    assert ab.oversubscribed_alpha(1e-5, 1e-3, 8, 2) == pytest.approx(1e-5 + 3e-3)
+    ring = ab.ring_all_reduce(0, 8)
+    assert ring.time(ab.oversubscribed_alpha(1e-5, 1e-3, 8, 2), 0.0) == pytest.approx(
+        14 * (1e-5 + 3e-3))
+
+
+def test_machine_cores_is_this_process_affinity():
+    assert ab.machine_cores() == len(os.sched_getaffinity(0)) >= 1
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: ab.oversubscription(4, 0), r"oversubscription: cores=0 is out of range; allowed an int >= 1"),
+    (lambda: ab.oversubscription(4, True), r"oversubscription: cores=True is out of range"),
+    (lambda: ab.oversubscription(0, 2), r"oversubscription: world_size=0 is out of range"),
+    (lambda: ab.oversubscribed_alpha(1e-5, -1.0, 4, 2), r"gamma=-1.0 is out of range"),
+    (lambda: ab.oversubscribed_alpha(math.inf, 0.0, 4, 2), r"alpha=inf is out of range"),
+])
+def test_oversubscription_refuses_bad_numbers(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
 
 
 def test_numpy_scalars_from_a_data_frame_are_accepted():

@@ -10,7 +10,6 @@ import torch.distributed as dist
 import distlab
 from distlab.communication import collectives as C
 from distlab import comm
-from distlab.exercises import collectives as exercise
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -190,37 +189,3 @@ def test_a_group_of_ranks_1_and_2_addresses_peers_by_global_rank(refusals):
         assert len(z) == (0 if rank == 0 else 3)
         for algo, got in z.items():
             torch.testing.assert_close(got, torch.full((3,), 3.0), msg=algo)
-
-
-def test_exercise_checker_accepts_the_solution_and_locates_mistakes():
-    assert exercise.check_ring_all_reduce(exercise.ring_all_reduce).ok
-
-    def reduce_scatter_only(tensor, group=None):
-        rank, p = dist.get_rank(group), dist.get_world_size(group)
-        chunks = tensor.view(-1).tensor_split(p)
-        for step in range(p - 1):
-            send, recv = chunks[(rank - step) % p], chunks[(rank - step - 1) % p]
-            incoming = torch.empty_like(recv)
-            for req in [comm.isend(send, (rank + 1) % p), comm.irecv(incoming, (rank - 1) % p)]:
-                req.wait()
-            recv += incoming
-        return tensor
-
-    verdict = exercise.check_ring_all_reduce(reduce_scatter_only)
-    assert not verdict.ok
-    assert verdict.message.startswith("rank 0, chunk 0") and "missing" in verdict.message
-    assert "chunk(s) [1] on this rank are right" in verdict.message
-
-    def built_in(tensor, group=None):
-        comm.all_reduce(tensor, group=group)
-
-    assert "all_reduce" in exercise.check_ring_all_reduce(built_in).message
-
-
-def test_diagnose_names_missing_and_doubled_ranks():
-    good = sum(exercise.contribution(r) for r in range(4))
-    assert exercise.diagnose(good, 0, 4) is None
-    doubled = good.clone()
-    doubled[6:9] += exercise.contribution(2)[6:9]
-    msg = exercise.diagnose(doubled, 3, 4)
-    assert msg.startswith("rank 3, chunk 2 (elements 6..8)") and "[2] added more than once" in msg

@@ -98,6 +98,50 @@ def test_fit_keeps_parameters_non_negative():
     assert f.alpha >= 0 and f.beta > 0
 
 
+def crowded(alpha, beta, gamma, cores, noise=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = [dict(algorithm=a, world_size=p, nbytes=n,
+                 time=cm.predict(a, n, p, alpha, beta, gamma=gamma, cores=cores)
+                 * (1 + noise * rng.standard_normal()))
+            for a in ("ring", "naive") for p in (2, 4, 8) for n in (4096, 65536, 1 << 20)]
+    return pd.DataFrame(rows)
+
+
+def test_predict_adds_the_oversubscription_term_only_past_the_cores():
+    base = cm.predict("ring", 4096, 4, alpha=1e-5, beta=1e-9)
+    assert cm.predict("ring", 4096, 4, 1e-5, 1e-9, gamma=1e-3, cores=4) == base
+    assert cm.predict("ring", 4096, 4, 1e-5, 1e-9, gamma=1e-3, cores=2) == pytest.approx(
+        base + 6 * 1e-3)                                     # 2(p-1) messages, 1 waiting rank
+
+
+def test_fit_recovers_gamma_from_more_ranks_than_cores():
+    fits = cm.fit(crowded(50e-6, 1e-9, 400e-6, cores=2), cores=2)
+    for f in fits.values():
+        assert f.alpha == pytest.approx(50e-6, rel=1e-6) and f.beta == pytest.approx(1e-9, rel=1e-6)
+        assert f.gamma == pytest.approx(400e-6, rel=1e-6) and f.cores == 2
+        assert "gamma = 400.0 µs" in str(f)
+    errors = cm.errors_by_crowding(crowded(50e-6, 1e-9, 400e-6, cores=2), fits)
+    assert errors["p <= cores"] < 1e-9 and errors["p > cores"] < 1e-9
+
+
+def test_the_plain_model_misses_where_ranks_outnumber_cores():
+    df = crowded(50e-6, 1e-9, 400e-6, cores=2)
+    plain = cm.fit(df, cores=64)                             # no rank waits: gamma cannot help
+    assert all(f.gamma == 0.0 for f in plain.values())
+    assert cm.relative_errors(df, plain).median() > 0.2
+
+
+def test_errors_by_crowding_is_nan_for_a_side_with_no_measurement():
+    df = synthetic(50e-6, 1e-9)
+    errors = cm.errors_by_crowding(df, cm.fit(df, cores=8), cores=8)
+    assert errors["p <= cores"] < 1e-9 and math.isnan(errors["p > cores"])
+
+
+def test_fit_refuses_a_machine_of_no_cores():
+    with pytest.raises(ValueError, match="fit: cores=0 is out of range"):
+        cm.fit(synthetic(50e-6, 1e-9), cores=0)
+
+
 def test_measure_on_real_processes_and_the_injected_floor():
     net = Network(latency=2e-3)
     df = cm.measure(world_sizes=(2, 3), sizes=(4096, 65536), algorithms=("ring", "naive"),

@@ -200,21 +200,6 @@ def test_bad_arguments_are_refused_before_any_communication():
         dp.BucketedDDP(nn.Linear(2, 1), bucket_size_mb=0)
 
 
-def test_exercise_checker_accepts_the_solution_and_names_the_mistake():
-    from distlab.exercises import data_parallel as ex
-    from distlab import comm
-
-    assert ex.check_average_gradients(ex.average_gradients).ok
-
-    def summed(model, group=None):
-        for p in model.parameters():
-            if p.grad is not None:
-                comm.all_reduce(p.grad, group=group)
-
-    verdict = ex.check_average_gradients(summed)
-    assert not verdict.ok and "divide by the world size" in verdict.message, verdict
-
-
 def _buffer_devices():
     model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 1).double())
     # The default device (a GPU in a notebook that called torch.set_default_device, here
@@ -254,28 +239,3 @@ def test_overlapping_variants_start_all_reduces_during_backward(variant):
     early = [e for e in events
              if e["kind"] == "all_reduce" and e["start"] < backward_end[e["rank"], e["step"]]]
     assert len(early) >= 2 * 2, f"{variant}: only {len(early)} all-reduces overlapped backward"
-
-
-def test_the_exercise_checker_refuses_what_is_not_a_function():
-    from distlab.exercises import data_parallel as ex
-    verdict = ex.check_average_gradients(None)
-    assert not verdict.ok and "average_gradients must be a function" in verdict.message
-
-
-def test_the_exercise_checker_names_the_rank_of_a_student_that_raises():
-    from distlab.exercises import data_parallel as ex
-
-    def crashes(model, group=None):
-        import torch.distributed as dist
-        if dist.get_rank() == 1:
-            raise RuntimeError("oops")
-
-    verdict = ex.check_average_gradients(crashes, world_size=2)
-    assert not verdict.ok and "rank 1 raised RuntimeError: oops" in verdict.message, verdict
-
-
-@pytest.mark.parametrize("world_size", [0, True, 2.0])
-def test_the_exercise_checker_refuses_a_bad_world_size_by_name(world_size):
-    from distlab.exercises import data_parallel as ex
-    with pytest.raises(ValueError, match=rf"world_size={world_size!r} is out of range"):
-        ex.check_average_gradients(ex.average_gradients, world_size=world_size)

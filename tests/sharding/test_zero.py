@@ -246,33 +246,3 @@ def test_bad_gradient_mode_is_refused():
     with pytest.raises(ValueError, match="gradients='bogus'"):
         zero.ShardedOptimizer([nn.Parameter(torch.ones(2))], torch.optim.SGD,
                               gradients="bogus", lr=0.1)
-
-
-def test_exercise_checker_accepts_the_solution_and_names_the_missing_all_gather():
-    from distlab.exercises import zero as ex
-
-    assert ex.check_sharded_sgd_step(ex.sharded_sgd_step, world_size=2)
-
-    def forgot_the_all_gather(param, grad, momentum, lr, beta, group=None):
-        rank, n = dist.get_rank(), param.numel() // dist.get_world_size()
-        momentum.mul_(beta).add_(grad[rank * n:(rank + 1) * n])
-        param[rank * n:(rank + 1) * n] -= lr * momentum
-
-    verdict = ex.check_sharded_sgd_step(forgot_the_all_gather, world_size=2)
-    assert not verdict
-    assert "after step 1, rank 0: slice 1" in verdict.message and "all-gather" in verdict.message
-
-
-@pytest.mark.parametrize("world_size", [0, 5, True, 2.0])
-def test_exercise_checker_refuses_a_world_size_that_does_not_divide_the_parameter(world_size):
-    from distlab.exercises import zero as ex
-
-    with pytest.raises(ValueError, match=rf"world_size={world_size!r} .* a divisor of 24"):
-        ex.check_sharded_sgd_step(ex.sharded_sgd_step, world_size=world_size)
-
-
-def test_exercise_checker_says_a_non_function_is_not_a_function():
-    from distlab.exercises import zero as ex
-
-    verdict = ex.check_sharded_sgd_step("my step", world_size=2)
-    assert not verdict and "must be a function" in verdict.message
