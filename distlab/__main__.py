@@ -4,6 +4,10 @@
     Synchronous against asynchronous SGD on 4 real gloo workers (plus a parameter-server
     rank), one worker a 3x straggler; writes an HTML report with the plots.
 
+``python -m distlab course release OUT`` / ``course grade DIR --out grades.csv``
+    The instructor's commands: write the labs' student notebooks, grade submissions
+    (:mod:`distlab.course.grading`).
+
 ``python -m distlab train --algo ALGO --nproc 4``
     Trains with one of distlab's algorithms (:data:`ALGORITHMS`) on N processes started by
     :func:`distlab.launch`, and prints rank 0's final metrics as one JSON line (``loss``
@@ -88,7 +92,12 @@ def main(argv=None) -> int:
     k.add_argument("--schedule", help="pipeline: gpipe or 1f1b")
     k.add_argument("--microbatches", "--num-microbatches", dest="num_microbatches", type=int,
                    help="pipeline: microbatches per batch")
+    from distlab.course.grading.cli import add_parser as add_course_parser
+    course = add_course_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "course":
+        from distlab.course.grading.cli import run as course_command
+        return course_command(args, course)
     if args.command == "demo":
         from distlab.course.demo import demo
         from distlab.course.settings import scale

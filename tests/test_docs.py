@@ -1,10 +1,15 @@
 """The course website builds, offline, with warnings as errors, and shows what it should.
 
-The build executes every lab (the slow test of the suite, a few minutes on 2 cores): deselect
-it with ``-m "not docs"``. It runs with the network refused to Python (a ``sitecustomize``
-that lets only loopback connections through, inherited by the kernels myst-nb starts), so a
-theme, template or script fetched at build time fails it.
+Building it is CI's one execution of the labs (the slow test of the suite, a few minutes on
+2 cores; deselect it with ``-m "not docs"``): each lab, as the site shows it (the student
+release, see ``docs/conf.py``), runs top to bottom in a fresh kernel, and right after each
+cell that shows a panel a student's play with it (``tests/panel_play.py``: every control
+moved, Run, Run and Stop) before the cells below. The executed notebooks, without the play,
+are the pages: Sphinx builds them with myst-nb's execution off. Everything runs with the
+network refused to Python (a ``sitecustomize`` that lets only loopback connections through,
+inherited by the kernels), so a theme, template or script fetched at build time fails it.
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -15,10 +20,13 @@ from pathlib import Path
 import nbformat
 import pytest
 
+import panel_play
+
 ROOT = Path(__file__).resolve().parent.parent
 LABS = sorted((ROOT / "labs").glob("*.ipynb"))
-BUILD_TIMEOUT = 900   # seconds; typically 3-4 minutes on 2 cores
-pytestmark = pytest.mark.timeout(BUILD_TIMEOUT + 60)   # the first docs test waits for the build
+BUILD_TIMEOUT = 300   # seconds for Sphinx alone, the labs already executed
+RUN_TIMEOUT = 1500    # seconds for executing every lab and playing its panels (minutes on 2 cores)
+pytestmark = pytest.mark.timeout(RUN_TIMEOUT + BUILD_TIMEOUT + 60)   # the first docs test waits
 
 NO_NETWORK = textwrap.dedent('''
     """Refuse every connection and name lookup that leaves this machine (docs build test)."""
@@ -51,19 +59,59 @@ NO_NETWORK = textwrap.dedent('''
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    """The website, built as the README says but into a temporary folder, network refused."""
-    tmp = tmp_path_factory.mktemp("docs")
-    (tmp / "guard").mkdir()
-    (tmp / "guard" / "sitecustomize.py").write_text(NO_NETWORK)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(tmp / "guard"), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    out = tmp / "html"
+def guarded_env(tmp_path_factory):
+    """This process's environment with the network refused to Python (see above)."""
+    guard = tmp_path_factory.mktemp("guard")
+    (guard / "sitecustomize.py").write_text(NO_NETWORK)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(guard), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory, guarded_env):
+    """Every lab's page executed once, its panels played: ``(folder, {lab name: failure})``
+    (a failed lab keeps the outputs of the cells before the failure)."""
+    conf = _docs_conf()
+    folder = tmp_path_factory.mktemp("executed")
+    env = {**guarded_env, "DISTLAB_SMALL": "1", "DISTLAB_STATIC_FIGURES": "1"}
+    failures = {}
+    for lab in LABS:
+        nb = conf.website_notebook(lab)
+        cwd = tmp_path_factory.mktemp(lab.stem)
+        try:
+            panel_play.execute(nb, cwd=cwd, env=env)
+        except panel_play.LabFailed as e:
+            failures[lab.name] = str(e)
+        nbformat.write(nb, folder / lab.name)
+    return folder, failures
+
+
+def _docs_conf():
+    """``docs/conf.py`` as a module (for ``website_notebook``: which notebook a page shows)."""
+    spec = importlib.util.spec_from_file_location("distlab_docs_conf", ROOT / "docs" / "conf.py")
+    conf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conf)
+    return conf
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, guarded_env, executed):
+    """The website, built as the README says but into a temporary folder, from the executed
+    labs, network refused."""
+    out = tmp_path_factory.mktemp("docs") / "html"
+    env = {**guarded_env, "DISTLAB_DOCS_EXECUTED": str(executed[0])}
     proc = subprocess.run(
         [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-b", "html", "docs", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
     assert proc.returncode == 0, f"the docs build failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     return out
+
+
+@pytest.mark.docs
+@pytest.mark.parametrize("lab", LABS, ids=[p.stem for p in LABS])
+def test_lab_runs_top_to_bottom_with_its_panels_played(executed, lab):
+    failure = executed[1].get(lab.name)
+    assert failure is None, f"{lab.name}: {failure}"
 
 
 @pytest.mark.docs

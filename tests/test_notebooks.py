@@ -1,7 +1,8 @@
 """Notebook hygiene: every lab is stored clean, runnable, and checks its own claims.
 
-Executing the labs is nbval's job (``pytest --nbval-lax labs/``); this file checks how they
-are stored, so a lab committed with outputs or without an assertion cell fails fast.
+Executing the labs is ``tests/test_docs.py``'s job (each once, its panels played, as the site
+is built; ``pytest --nbval-lax labs/NN_*.ipynb`` still runs one by hand); this file checks how
+they are stored, so a lab committed with outputs or without an assertion cell fails fast.
 """
 from pathlib import Path
 

@@ -52,7 +52,7 @@ import torch.distributed as dist
 
 from distlab import comm
 from distlab.checks import is_int, is_number, require, require_arg
-from distlab.communication import alpha_beta
+from distlab.communication import alpha_beta, collectives
 
 METHODS = ("none", "topk", "randomk", "sign", "fp16", "bf16")
 
@@ -233,7 +233,8 @@ def compress_with_feedback(x: torch.Tensor, compressor: Compressor,
 
 
 def all_reduce_compressed(x: torch.Tensor, compressor: Compressor,
-                          residual: torch.Tensor | None = None, group=None) -> torch.Tensor:
+                          residual: torch.Tensor | None = None, group=None, *,
+                          ring: bool = False) -> torch.Tensor:
     """The mean over the group of every rank's ``x``, each compressed with error feedback.
 
     Args:
@@ -241,6 +242,10 @@ def all_reduce_compressed(x: torch.Tensor, compressor: Compressor,
         compressor: how to compress it; every rank uses the same kind.
         residual: this rank's error-feedback memory, updated in place (None: no feedback).
         group: the process group (None: the world).
+        ring: combine the payloads with distlab's own ring all-reduce or all-gather, built
+            from point-to-point sends (:mod:`distlab.communication.collectives`), so that
+            the ledger counts the bytes really sent; by default the built-in collectives,
+            which the ledger books at their model bytes.
 
     Returns:
         ``(1/p) sum_r C(x_r + e_r)``, the same on every rank. Cost: one all-reduce of the
@@ -249,11 +254,21 @@ def all_reduce_compressed(x: torch.Tensor, compressor: Compressor,
     """
     p = dist.get_world_size(group)
     payload, _ = compress_with_feedback(x, compressor, residual)
-    if compressor.summable:
-        comm.all_reduce(payload, group=group)        # payloads add up coordinate-wise
+    if compressor.summable:                          # payloads add up coordinate-wise
+        if ring:
+            collectives.ring_all_reduce(payload, group, check=False)
+        else:
+            comm.all_reduce(payload, group=group)
         return compressor.decompress(payload, x.numel()) / p
-    gathered = [torch.empty_like(payload) for _ in range(p)]
-    comm.all_gather(gathered, payload, group=group)
+    if ring:
+        # Rank r's payload is chunk r of one flat buffer, which the ring fills in place.
+        flat = payload.new_empty(p * payload.numel())
+        gathered = flat.view(p, -1)                  # (p, payload numel)
+        gathered[dist.get_rank(group)] = payload
+        collectives.ring_all_gather(flat, group, check=False)
+    else:
+        gathered = [torch.empty_like(payload) for _ in range(p)]
+        comm.all_gather(gathered, payload, group=group)
     return torch.stack([compressor.decompress(q, x.numel()) for q in gathered]).mean(0)
 
 

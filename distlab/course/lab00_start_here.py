@@ -12,6 +12,11 @@ step of single-process full-batch gradient descent, whatever the split. :func:`r
 is that single process; lab 00 checks the two against each other. Lab 02 builds the same
 idea into real data-parallel training (minibatches, DDP-style hooks, buckets).
 
+The all-reduce is distlab's own ring (:func:`distlab.communication.collectives.ring_all_reduce`,
+built from ``comm.isend`` / ``comm.irecv``), so ``bytes_sent`` counts the bytes that really
+left each rank. With ``all_reduce="gloo"`` it is torch's built-in one, whose traffic nobody
+sees: the run then reports the ledger's ``model_bytes`` (the ring formula) instead.
+
 Communication cost per step (alpha-beta model, ring all-reduce of the d + 2 floats of the
 gradient and the loss, 4 bytes each, on N ranks; Thakur, Rabenseifner and Gropp 2005):
 ``2 (N - 1) alpha + 2 (N - 1) / N * 4 (d + 2) beta``.
@@ -23,11 +28,14 @@ from dataclasses import dataclass
 import torch
 
 from distlab import comm
+from distlab.communication.collectives import ring_all_reduce
 from distlab.checks import is_int, is_number, require
 from distlab.problems.data import linear_regression, shard_indices
 from distlab.launcher import MAX_WORLD_SIZE, Run, start as _start
 from distlab.metrics import report
 from distlab.problems.models import linear
+
+ALL_REDUCES = ("ring", "gloo")
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,8 @@ class FirstRunConfig:
     """Features per example, 1 to 10,000."""
     seed: int = 0
     """Seed of the data and of the initial weights."""
+    all_reduce: str = "ring"
+    """``"ring"``: distlab's ring, bytes counted from its sends; ``"gloo"``: torch's built-in."""
 
     def __post_init__(self):
         for name, lo, hi in [("world_size", 1, MAX_WORLD_SIZE), ("num_steps", 1, 10_000), ("num_examples", 1, 1_000_000),
@@ -52,6 +62,7 @@ class FirstRunConfig:
             v = getattr(self, name)
             require(self, name, is_int(v) and lo <= v <= hi, f"integers {lo}..{hi}")
         require(self, "lr", is_number(self.lr) and 0 < self.lr <= 1, "(0, 1]")
+        require(self, "all_reduce", self.all_reduce in ALL_REDUCES, f"one of {ALL_REDUCES}")
 
 
 def _data(config: FirstRunConfig):
@@ -61,8 +72,9 @@ def _data(config: FirstRunConfig):
 def train(config: FirstRunConfig, group=None) -> list[float]:
     """The worker: gradient descent on this rank's shard, gradients summed by all-reduce.
 
-    Reports ``step``, ``loss`` (full-batch mean squared error before the step),
-    ``bytes_sent`` and ``comm_time`` every step. Returns the final parameters, flattened.
+    Reports ``step``, ``loss`` (full-batch mean squared error before the step), ``comm_time``
+    and ``bytes_sent`` (counted from the ring's sends; ``model_bytes`` for gloo, booked by
+    formula), all cumulative, every step. Returns the final parameters, flattened.
     """
     import torch.distributed as dist
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
@@ -76,15 +88,26 @@ def train(config: FirstRunConfig, group=None) -> list[float]:
         grads = torch.autograd.grad(loss_sum, params)
         # One message per step: the gradient and the loss travel together.
         flat = torch.cat([g.reshape(-1) for g in grads] + [loss_sum.detach().reshape(1)])
-        comm.all_reduce(flat, group=group)                    # sum over ranks
+        if config.all_reduce == "ring":                        # sum over ranks
+            ring_all_reduce(flat, group, check=False)
+        else:
+            comm.all_reduce(flat, group=group)
         flat /= config.num_examples
         with torch.no_grad():
             offset = 0
             for p in params:
                 p -= config.lr * flat[offset: offset + p.numel()].view_as(p)
                 offset += p.numel()
-        report(step=step, loss=flat[-1].item(), **comm.ledger().totals())
+        report(step=step, loss=flat[-1].item(), **_traffic())
     return torch.cat([p.detach().reshape(-1) for p in params]).tolist()
+
+
+def _traffic() -> dict:
+    """This rank's cumulative traffic: bytes counted from real sends, or model bytes."""
+    ops, comm_time = comm.ledger().by_op(), comm.ledger().totals()["comm_time"]
+    if "all_reduce" in ops:      # the built-in collective: the ledger booked the formula
+        return {"model_bytes": ops["all_reduce"]["bytes_sent"], "comm_time": comm_time}
+    return {"bytes_sent": ops.get("send", {}).get("bytes_sent", 0), "comm_time": comm_time}
 
 
 def reference(config: FirstRunConfig) -> tuple[list[float], list[float]]:

@@ -9,6 +9,8 @@ the fitted α-β model, the bytes each rank sent, and a traced ring step by step
 from __future__ import annotations
 
 import math
+import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,18 +62,22 @@ def sweep(config: SweepConfig, group=None) -> None:
     """The worker: time ``config.algorithm`` at each size and report it as it goes.
 
     Reports ``step``, ``algorithm``, ``world_size``, ``nbytes``, ``collective_time`` (the
-    slowest rank's seconds for one all-reduce) and ``bytes_sent_per_call`` (this rank's).
+    slowest rank's seconds for one all-reduce) and this rank's ``bytes_sent_per_call``,
+    counted from its real sends, or for gloo's built-in all-reduce (whose sends nobody sees)
+    ``model_bytes_per_call``, the ring formula the ledger books.
     """
     fn = ALL_REDUCES[config.algorithm]
     for step, nbytes in enumerate(config.sizes):
         comm.ledger().reset()
         fn(torch.ones(nbytes // 4), group, check=False)        # (nbytes/4,) float32: its bytes
-        sent = comm.ledger().by_op().get("send", {}).get("bytes_sent", 0)
         if config.algorithm == "gloo":                         # booked by the ledger's model
-            sent = comm.ledger().totals()["bytes_sent"]
+            traffic = {"model_bytes_per_call": comm.ledger().totals()["bytes_sent"]}
+        else:
+            traffic = {"bytes_sent_per_call":
+                       comm.ledger().by_op().get("send", {}).get("bytes_sent", 0)}
         t = time_collective(fn, nbytes // 4, group, config.network, config.repeats)
         report(step=step, algorithm=config.algorithm, world_size=dist.get_world_size(group),
-               nbytes=nbytes, collective_time=t, bytes_sent_per_call=sent)
+               nbytes=nbytes, collective_time=t, **traffic)
 
 
 def start_sweep(world_size: int = 4, algorithm: str = "ring", max_nbytes: int = MIB,
@@ -92,6 +98,30 @@ def start_sweep(world_size: int = 4, algorithm: str = "ring", max_nbytes: int = 
                          network=network if inject else None)
     return start(sweep, world_size, config, on_metrics=on_metrics, on_output=on_output,
                  timeout=300)
+
+
+def idle_cores(seconds: float = 0.5) -> float:
+    """How many of the machine's cores sat idle during the next ``seconds`` (Linux's
+    ``/proc/stat``; elsewhere the cores minus the 1-minute load average).
+
+    The α-β fit holds where every rank has a core to itself: on a machine that other
+    programs keep busy that is not so, whatever p is.
+    """
+    require_arg("seconds", seconds, is_number(seconds) and 0 < seconds <= 10,
+                "a number in (0, 10]")
+    cores = os.cpu_count() or 1
+    if not os.path.exists("/proc/stat"):
+        return max(0.0, cores - os.getloadavg()[0])
+
+    def idle_and_total():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]   # the "cpu" line: all cores
+        return values[3] + values[4], sum(values)                 # idle + iowait, all
+
+    idle0, total0 = idle_and_total()
+    time.sleep(seconds)
+    idle1, total1 = idle_and_total()
+    return cores * (idle1 - idle0) / max(1, total1 - total0)
 
 
 def sweep_frame(metrics: pd.DataFrame) -> pd.DataFrame:

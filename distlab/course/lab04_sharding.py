@@ -230,13 +230,19 @@ def memory_figure(df: pd.DataFrame) -> go.Figure:
 
 
 def comm_figure(df: pd.DataFrame) -> go.Figure:
-    """Bytes sent per rank in one step, by stage: measured bars, formula markers."""
+    """Bytes sent per rank in one step, by stage: the ring's point-to-point sends (measured)
+    stacked under the built-in collectives' model bytes, and the formula's markers."""
     c = df[df.category == "bytes_sent"].groupby(["world_size", "stage"], as_index=False)[
-        ["measured", "predicted"]].max()
+        ["measured", "predicted", "sent_point_to_point"]].max()
     fig = go.Figure()
     for n, part in c.groupby("world_size"):
         x = [STAGE_NAMES[s] for s in part.stage]
-        fig.add_bar(x=x, y=part.measured / 1024, name=f"N={n} measured", offsetgroup=str(n))
+        sent = part.sent_point_to_point / 1024
+        fig.add_bar(x=x, y=sent, name=f"N={n} sent point to point (measured)",
+                    offsetgroup=str(n))
+        fig.add_bar(x=x, y=part.measured / 1024 - sent, base=sent, offsetgroup=str(n),
+                    name=f"N={n} built-in collectives (model bytes)",
+                    marker=dict(pattern_shape="/"))
         fig.add_scatter(x=x, y=part.predicted / 1024, mode="markers", name=f"N={n} formula",
                         offsetgroup=str(n), marker=dict(symbol="x", size=11, color="black"))
     fig.update_layout(barmode="group", scattermode="group", template="plotly_white", height=380,

@@ -4,7 +4,8 @@
   each microbatch (numbered), sends, receives, and idle time (the bubble);
 * :func:`bubble_figure` - measured bubble fraction against the ideal (p - 1)/(m + p - 1);
 * :func:`memory_figure` - peak activation memory per rank, GPipe against 1F1B;
-* :func:`comm_volume_figure` - bytes sent per rank and step, tensor against data parallel;
+* :func:`comm_volume_figure` - model bytes of the all-reduces per rank and step, tensor
+  against data parallel (built-in collectives: the ledger books the ring's volume);
 
 and :func:`pipeline_summary`, the table the bubble and memory figures are drawn from.
 """
@@ -14,14 +15,15 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from distlab.model_parallel.pipeline import bubble_fraction
-from distlab.model_parallel.timeline import measured_bubble, step_index
+from distlab.model_parallel.timeline import exposed_communication, measured_bubble, step_index
 
 COLORS = {"forward": "#4c78a8", "backward": "#f58518", "send": "#54a24b", "recv": "#72b7b2",
           "idle": "#e45756"}
 
 
 def pipeline_summary(runs: list[list[dict]]) -> pd.DataFrame:
-    """One row per run and rank: schedule, m, measured and ideal bubble, peak activations.
+    """One row per run and rank: schedule, m, measured and ideal bubble, the exposed
+    communication (both read from the timeline of the last step), peak activations.
 
     ``runs``: for each pipeline run, every rank's result of
     :func:`distlab.model_parallel.pipeline.train`.
@@ -29,11 +31,11 @@ def pipeline_summary(runs: list[list[dict]]) -> pd.DataFrame:
     rows = []
     for results in runs:
         c = results[0]["config"]
-        bubble = measured_bubble(results)
+        bubble, exposed = measured_bubble(results), exposed_communication(results)
         for r in results:
             rows.append(dict(schedule=c.schedule, num_stages=c.num_stages,
                              num_microbatches=c.num_microbatches, rank=r["rank"],
-                             measured_bubble=bubble,
+                             measured_bubble=bubble, exposed_communication=exposed,
                              ideal_bubble=bubble_fraction(c.num_stages, c.num_microbatches),
                              peak_activations=r["peak_activations"],
                              peak_activation_bytes=r["peak_activation_bytes"]))
@@ -108,9 +110,11 @@ def memory_figure(summary: pd.DataFrame, num_microbatches: int | None = None) ->
 
 def comm_volume_figure(runs: dict[str, dict]) -> go.Figure:
     """Bytes sent per rank and step, by operation: ``runs`` maps a label to a rank's result
-    of :func:`distlab.model_parallel.mesh.train`."""
-    fig = go.Figure(layout=dict(title="communication per rank and step", barmode="stack",
-                                yaxis_title="bytes sent per step", template="plotly_white",
+    of :func:`distlab.model_parallel.mesh.train`. Every operation there is a built-in
+    collective, so these are model bytes: the ring's volume for the tensor handed over."""
+    fig = go.Figure(layout=dict(title="communication per rank and step (model bytes)",
+                                barmode="stack", yaxis_title="model bytes per step",
+                                template="plotly_white",
                                 height=360, showlegend=True))
     ops = sorted({op for r in runs.values() for op in r["by_op"]})
     for op in ops:

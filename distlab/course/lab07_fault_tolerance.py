@@ -6,6 +6,9 @@
   restart and the resume marked.
 * :func:`lost_work_sweep` and :func:`lost_work_figure` - the checkpoint-interval trade-off,
   measured, beside Young's formula.
+* :func:`failure_sweep` and :func:`failure_figure` - Young's formula against repeated random
+  failures: many jobs hit by failures at a chosen mean time between failures (the MTBF knob),
+  simulated, and the interval that wasted least.
 
 Young's formula (Young 1974, "A first order approximation to the optimum checkpoint
 interval", CACM 17(9)): with a checkpoint costing ``C`` seconds and a mean time between
@@ -22,9 +25,12 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import tempfile
+import weakref
 from dataclasses import replace
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -83,15 +89,20 @@ def start_demo(algorithm: str = "sync + elastic", fault_kind: str = "kill", fail
                                          step_time=step_time, worker_timeout=1.0)
         return parameter_server.start(config, timeout=60, on_metrics=on_metrics,
                                       on_output=on_output)
-    config = TrainConfig(checkpoint_dir or tempfile.mkdtemp(prefix="distlab-ckpt-"),
+    scratch = None if checkpoint_dir else tempfile.mkdtemp(prefix="distlab-ckpt-")
+    config = TrainConfig(checkpoint_dir or scratch,
                          algorithm="zero" if algorithm.startswith("zero") else "sync",
                          workload=replace(elastic.WORKLOAD, num_steps=num_steps),
                          checkpoint_every=checkpoint_every, fault=fault, step_time=step_time)
     if algorithm == "sync":     # one attempt, no agent: the failure ends the run
-        return start(elastic.train, world_size, config, timeout=10, on_metrics=on_metrics,
-                     on_output=on_output)
-    return elastic.start(config, ElasticConfig(world_size=world_size, timeout=10),
-                         on_metrics=on_metrics, on_output=on_output, name=algorithm)
+        run = start(elastic.train, world_size, config, timeout=10, on_metrics=on_metrics,
+                    on_output=on_output)
+    else:
+        run = elastic.start(config, ElasticConfig(world_size=world_size, timeout=10),
+                            on_metrics=on_metrics, on_output=on_output, name=algorithm)
+    if scratch:                 # the scratch checkpoints go with the run (or the kernel)
+        weakref.finalize(run, shutil.rmtree, scratch, True)
+    return run
 
 
 def timeline_figure(run, title: str = "loss against wall time, through a failure") -> go.Figure:
@@ -150,11 +161,11 @@ def lost_work_sweep(intervals=(2, 5, 10, 20), num_steps: int = 40, world_size: i
     rows = []
     for interval in intervals:
         fail = draw.randrange(num_steps // 4, 3 * num_steps // 4)
-        config = TrainConfig(tempfile.mkdtemp(prefix="distlab-ckpt-"),
-                             workload=replace(elastic.WORKLOAD, num_steps=num_steps),
-                             checkpoint_every=interval, step_time=step_time,
-                             fault=Fault("kill", rank=1, step=fail))
-        run = elastic.run(config, ElasticConfig(world_size=world_size, timeout=30))
+        with tempfile.TemporaryDirectory(prefix="distlab-ckpt-") as folder:
+            config = TrainConfig(folder, workload=replace(elastic.WORKLOAD, num_steps=num_steps),
+                                 checkpoint_every=interval, step_time=step_time,
+                                 fault=Fault("kill", rank=1, step=fail))
+            run = elastic.run(config, ElasticConfig(world_size=world_size, timeout=30))
         s = run.summary()
         df = run.metrics().dropna(subset=["loss"])
         first = df[(df.attempt == 0) & (df["rank"] == 0)].sort_values("step")
@@ -205,6 +216,84 @@ def expected_waste(interval: float, num_steps: int, checkpoint_cost: float,
     return num_steps / interval * checkpoint_cost + interval / 2 * step_time
 
 
+def failure_sweep(checkpoint_cost: float, mtbf: float, work: float | None = None,
+                  factor: float = math.sqrt(2), runs: int = 20_000, restart_cost: float = 0.0,
+                  seed: int = 0) -> pd.DataFrame:
+    """Simulate ``runs`` jobs per checkpoint interval, hit by failures at random; the waste.
+
+    Each job computes for ``work`` seconds (default ``20 * mtbf``, about 20 failures),
+    writing a checkpoint (``checkpoint_cost`` seconds) after every interval of work. Failures
+    arrive as a Poisson process of mean ``mtbf`` (Young's assumption: machines fail
+    independently, at a constant rate); each one throws away the work and the checkpoint in
+    progress since the last checkpoint and costs ``restart_cost``. The intervals form a
+    geometric grid (ratio ``factor``) from ``2 * checkpoint_cost`` to ``mtbf``, chosen without
+    Young's formula, so the measured best interval can disagree with it.
+
+    Per interval (rounded so that the work splits into whole intervals): ``wasted_time``
+    (mean of wall time minus work), ``wasted_time_sem`` (its standard error), ``failures`` (mean).
+    """
+    for name, value in (("checkpoint_cost", checkpoint_cost), ("mtbf", mtbf)):
+        require_arg(name, value, is_number(value) and value > 0, "a number > 0")
+    require_arg("mtbf", mtbf, mtbf > 4 * checkpoint_cost,
+                f"a number > 4 * checkpoint_cost = {4 * checkpoint_cost:g} (else no interval fits)")
+    work = 20 * mtbf if work is None else work
+    require_arg("work", work, is_number(work) and work >= mtbf, f"a number >= mtbf = {mtbf:g}")
+    require_arg("factor", factor, is_number(factor) and factor > 1, "a number > 1")
+    require_arg("runs", runs, is_int(runs) and runs >= 1, "an int >= 1")
+    require_arg("restart_cost", restart_cost, is_number(restart_cost) and restart_cost >= 0,
+                "a number >= 0")
+    rng = np.random.default_rng(seed)
+    intervals = 2 * checkpoint_cost * factor ** np.arange(
+        int(math.log(mtbf / (2 * checkpoint_cost), factor)) + 1)
+    rows = []
+    for interval in intervals:
+        n = max(1, round(work / interval))        # whole intervals of work per job
+        attempt = work / n + checkpoint_cost      # compute, then write the checkpoint
+        survive = math.exp(-attempt / mtbf)       # an attempt that no failure interrupts
+        # Failures before the n attempts that get through (each attempt is memoryless).
+        failures = rng.negative_binomial(n, survive, size=runs)
+        # A failed attempt lasted an exponential time given that it was < attempt.
+        u = rng.random((runs, int(failures.max(initial=0))))
+        lost = -mtbf * np.log1p(-u * (1 - survive))
+        lost = np.where(np.arange(u.shape[1]) < failures[:, None], lost, 0.0).sum(axis=1)
+        waste = n * checkpoint_cost + lost + failures * restart_cost
+        rows.append({"interval": work / n, "wasted_time": waste.mean(),
+                     "wasted_time_sem": (waste.std(ddof=1) / math.sqrt(runs)) if runs > 1 else 0.0,
+                     "failures": failures.mean()})
+    return pd.DataFrame(rows)
+
+
+def best_interval(sweep: pd.DataFrame) -> tuple[float, float, float]:
+    """The interval that wasted least in ``sweep``, and its grid neighbours: ``(low, best,
+    high)``, the bracket in which the true best interval lies (low = best at the grid's end)."""
+    i = int(sweep.wasted_time.to_numpy().argmin())
+    intervals = sweep.interval.to_numpy()
+    return (float(intervals[max(i - 1, 0)]), float(intervals[i]),
+            float(intervals[min(i + 1, len(intervals) - 1)]))
+
+
+def failure_figure(sweep: pd.DataFrame, checkpoint_cost: float, mtbf: float,
+                   unit: str = "s") -> go.Figure:
+    """The simulated waste per interval (with its standard error), the measured best
+    interval's bracket, and Young's ``sqrt(2 C M)``."""
+    low, best, high = best_interval(sweep)
+    young = young_interval(checkpoint_cost, mtbf)
+    fig = go.Figure(layout=dict(
+        title=f"wasted time against checkpoint interval: {len(sweep)} intervals, random "
+              f"failures (MTBF {mtbf:g} {unit}, checkpoint {checkpoint_cost:g} {unit})",
+        xaxis=dict(type="log", title=f"checkpoint interval ({unit})"),
+        yaxis_title=f"wasted time per job ({unit}, simulated mean)",
+        template="plotly_white", height=380))
+    fig.add_vrect(x0=low, x1=high, fillcolor="#2ca02c", opacity=0.12, line_width=0,
+                  annotation_text="measured best, ± one grid step")
+    fig.add_scatter(x=sweep.interval, y=sweep.wasted_time, mode="lines+markers",
+                    error_y=dict(type="data", array=2 * sweep.wasted_time_sem),
+                    name="simulated (± 2 s.e.)")
+    fig.add_vline(x=young, line_dash="dash", line_color="#d62728",
+                  annotation_text=f"Young: √(2·C·M) = {young:.3g} {unit}")
+    return fig
+
+
 def _check_world_size(world_size) -> None:
     require_arg("world_size", world_size, is_int(world_size) and 2 <= world_size <= MAX_WORLD_SIZE,
            f"an int in 2..{MAX_WORLD_SIZE} (one rank fails, one at least survives)")
@@ -213,4 +302,5 @@ def _check_world_size(world_size) -> None:
 
 
 __all__ = ["ALGORITHMS", "start_demo", "timeline_figure", "young_interval", "lost_work_sweep",
-           "lost_work_figure", "expected_waste", "parameter_server_config"]
+           "lost_work_figure", "expected_waste", "failure_sweep", "best_interval",
+           "failure_figure", "parameter_server_config"]

@@ -2,7 +2,6 @@
 
 ``DISTLAB_SMALL=1`` selects the small setting that CI and nbval use: labs and demos shrink
 their step counts and sweeps so each notebook runs in well under a minute on 2 cores.
-``DISTLAB_SOLUTIONS=1`` lets :func:`distlab.exercises.solution` reveal exercise solutions.
 """
 from __future__ import annotations
 
@@ -17,8 +16,3 @@ def small() -> bool:
 def scale(full, small_value):
     """``small_value`` under ``DISTLAB_SMALL=1``, else ``full``: ``num_steps = scale(300, 40)``."""
     return small_value if small() else full
-
-
-def solutions_enabled() -> bool:
-    """True when an instructor has enabled solutions with ``DISTLAB_SOLUTIONS=1``."""
-    return os.environ.get("DISTLAB_SOLUTIONS", "0") not in ("", "0", "false", "False")

@@ -17,9 +17,9 @@ Summing instead of averaging, or using a sum loss, multiplies the step by ``p``:
 regression then diverges as ranks are added.
 
 Large batches: weak scaling keeps ``B`` per rank and multiplies the global batch by ``p``.
-The linear scaling rule multiplies the learning rate by ``p`` too, after a gradual warmup
-from the rate tuned for one rank's ``B`` (Goyal et al. 2017, sections 2.1 and 2.2); see
-:func:`lr_at`.
+The linear scaling rule (``lr_scaling``) multiplies the learning rate by ``p`` too; a
+gradual warmup over ``warmup_steps`` (0: none) climbs to it from the rate tuned for one
+rank's ``B`` (Goyal et al. 2017, sections 2.1 and 2.2); see :func:`lr_at`.
 
 Communication per step: one all-reduce of the n gradient bytes, 2(p-1)/p·n·beta plus
 latency terms that depend on the variant (see :mod:`distlab.data_parallel.ddp`).
@@ -66,9 +66,11 @@ class SyncSGDConfig:
     bucket_size_mb: float = 25.0
     """Bucket size of the ``"bucketed"`` variant, in MiB."""
     lr_scaling: bool = False
-    """Linear scaling rule with gradual warmup (Goyal et al. 2017)."""
+    """Linear scaling rule (Goyal et al. 2017, section 2.1): the rate ``world_size * lr``."""
     warmup_steps: int = 10
-    """Steps of the warmup from ``lr`` to ``world_size * lr`` (only with ``lr_scaling``)."""
+    """Gradual warmup (section 2.2), a knob of its own: with ``lr_scaling``, the rate climbs
+    from ``lr`` to ``world_size * lr`` over this many steps; 0 turns the warmup off (the
+    scaled rate from the first step)."""
     momentum: float = 0.0
     """SGD momentum."""
     eval_every: int = 10
@@ -226,7 +228,8 @@ def lr_at(config: SyncSGDConfig, step: int) -> float:
     2017, section 2.1: "when the minibatch size is multiplied by k, multiply the learning
     rate by k", here k = ``world_size``: the global batch is ``world_size`` times one rank's
     share, for which ``lr`` was tuned), reached by gradual warmup (section 2.2): from ``lr``
-    at step 0, up by a constant amount each step, to ``k * lr`` at ``warmup_steps``.
+    at step 0, up by a constant amount each step, to ``k * lr`` at ``warmup_steps``; with
+    ``warmup_steps=0``, ``k * lr`` from step 0.
     """
     require_arg("step", step, is_int(step) and step >= 0, "an int >= 0")
     lr = config.workload.lr

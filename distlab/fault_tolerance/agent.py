@@ -160,12 +160,17 @@ class ElasticRun:
                             timeout=self.elastic.timeout, on_output=self._on_output,
                             on_metrics=self._relay(t_start, attempt, world_size))
                 self._current = run
+                if self._stopped:        # Stop pressed while this attempt was starting
+                    run.stop("stopped by the user")
                 run.wait()
                 if run.error is None:
                     self._results = run.result()
                     self._event("finish", attempt=attempt, world_size=world_size)
                     return
-                if self._stopped or not isinstance(run.error, WorkerError):
+                if self._stopped:        # a fault racing the stop still reads "stopped"
+                    self.error = WorkerError(None, "stopped by the user")
+                    return
+                if not isinstance(run.error, WorkerError):
                     self.error = run.error
                     return
                 self._event("detection", attempt=attempt, world_size=world_size,

@@ -3,7 +3,9 @@
 :class:`Timeline` notes when each rank computes, sends, receives and idles;
 :class:`ActivationMeter` counts the bytes autograd keeps for backward. From every rank's
 events, :func:`measured_bubble` gives the fraction of the step the pipeline sat idle, to
-set beside the ideal ``(p - 1) / (m + p - 1)`` of :func:`distlab.model_parallel.pipeline.bubble_fraction`.
+set beside the ideal ``(p - 1) / (m + p - 1)`` of
+:func:`distlab.model_parallel.pipeline.bubble_fraction`, and :func:`exposed_communication`
+the fraction it spent moving activations and gradients.
 """
 from __future__ import annotations
 
@@ -71,12 +73,26 @@ def measured_bubble(results: list[dict], step: int = -1) -> float:
     ``1 - (sum of compute) / (p x makespan)``: it counts every kind of waiting, so on a real
     machine it is at least the ideal bubble. ``step`` counts from 0, or back from -1.
     """
+    return 1 - _share(results, step, ("forward", "backward"))
+
+
+def exposed_communication(results: list[dict], step: int = -1) -> float:
+    """Fraction of rank-time spent sending and receiving payloads during ``step``.
+
+    A stage does one thing at a time, so no compute hides these spans: all of it is exposed
+    on the timeline. Waiting for a neighbour's header is ``idle`` (the bubble), not this.
+    """
+    return _share(results, step, ("send", "recv"))
+
+
+def _share(results: list[dict], step: int, kinds: tuple) -> float:
+    """The events of ``kinds`` in ``step``, summed over ranks, over p x the step's makespan."""
     events = [e for r in results for e in r["events"]]
     step = step_index(step, max(e["step"] for e in events) + 1)
     events = [e for e in events if e["step"] == step]
     makespan = max(e["end"] for e in events) - min(e["start"] for e in events)
-    busy = sum(e["end"] - e["start"] for e in events if e["kind"] in ("forward", "backward"))
-    return 1 - busy / (len(results) * makespan)
+    spent = sum(e["end"] - e["start"] for e in events if e["kind"] in kinds)
+    return spent / (len(results) * makespan)
 
 
 def step_index(step: int, num_steps: int) -> int:

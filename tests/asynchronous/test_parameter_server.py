@@ -223,12 +223,3 @@ def test_helpers_refuse_bad_numbers_by_name():
     ds = cfg.workload.loaded().dataset
     with pytest.raises(ValueError, match="worker=2"):
         worker_batch(cfg, ds, 2, 0)
-
-
-def test_ssp_exercise_checker():
-    from distlab.exercises import async_sgd as exercise
-    assert exercise.check_ssp_wait(exercise.may_proceed).ok
-    verdict = exercise.check_ssp_wait(lambda clock, clocks, s: True)   # never waits
-    assert not verdict.ok and "must wait" in verdict.message
-    too_strict = exercise.check_ssp_wait(lambda c, cl, s: s is None or c - min(cl) < s)
-    assert not too_strict.ok and "clocks=[0, 0, 0]" in too_strict.message

@@ -1,5 +1,6 @@
 """distlab.course.lab01_collectives: the panel's sweep, its validation, and the lab's figures."""
 import math
+import os
 
 import pytest
 import torch
@@ -8,7 +9,6 @@ import torch.distributed as dist
 import distlab
 from distlab.communication import collectives as C
 from distlab.communication import cost_model as cm
-from distlab.communication.netsim import Network
 from distlab.course import lab01_collectives as lab
 
 pytestmark = pytest.mark.timeout(180)
@@ -53,6 +53,20 @@ def test_sweep_reports_live_metrics():
     assert frame.time.max() >= 0.9 * 2 * (500e-6 + 16384 * 8 / 1e9)
     assert not math.isnan(frame.time.min())
     assert lab.figure_time_vs_size(frame, cm.fit(frame)).data
+
+
+def test_sweep_labels_gloos_bytes_model_bytes():
+    run = lab.start_sweep(world_size=2, algorithm="gloo", max_nbytes=4096)
+    run.result()
+    df = run.metrics()
+    assert "bytes_sent_per_call" not in df       # nobody sees gloo's sends: booked, not counted
+    assert (df.model_bytes_per_call == 4096).all()   # 2(p-1)/p·n on 2 ranks
+
+
+def test_idle_cores_is_between_none_and_all_of_them():
+    assert 0 <= lab.idle_cores(0.1) <= os.cpu_count()
+    with pytest.raises(ValueError, match="seconds=0"):
+        lab.idle_cores(0)
 
 
 def traced_ring():

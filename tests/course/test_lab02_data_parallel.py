@@ -50,22 +50,57 @@ def test_the_bucketed_timeline_starts_all_reduces_during_backward_and_flat_does_
 def test_the_scaling_sweep_has_one_row_per_run_and_the_one_node_efficiency_is_1():
     sweep = lab.scaling_sweep(TINY, nodes=(1, 2))
     assert sweep[["nodes", "lr_scaling"]].values.tolist() == [[1, False], [2, False], [2, True]]
-    assert sweep.loc[0, "efficiency"] == 1.0 and (sweep["bytes_per_step"][1:] > 0).all()
+    assert sweep.loc[0, "efficiency"] == 1.0 and (sweep["model_bytes_per_step"][1:] > 0).all()
     assert len(lab.efficiency_figure(sweep).data) == 1
 
 
 def test_the_scaling_sweep_keeps_the_per_node_batch_and_grows_the_global_one():
-    base = SyncSGDConfig(workload=Workload(model="linear", batch_size=48, num_steps=2),
+    base = SyncSGDConfig(workload=Workload(model="linear", batch_size=48, num_steps=4),
                          world_size=2)   # 24 examples per node
     sweep = lab.scaling_sweep(base, nodes=(1, 4))
     step_time_s = sweep["step_time_ms"] / 1e3
     assert (sweep["examples_per_s"] * step_time_s).round().tolist() == [24, 96, 96]
 
 
+def test_the_scaling_sweep_compares_runs_at_equal_epochs():
+    base = SyncSGDConfig(workload=Workload(model="linear", batch_size=32, num_steps=8),
+                         world_size=1, warmup_steps=4)
+    figure = LiveFigure(x="epoch", y="val_loss")
+    sweep = lab.scaling_sweep(base, nodes=(1, 2, 4), figure=figure)
+    assert sweep["num_steps"].tolist() == [8, 4, 4, 2, 2]        # N nodes: 1/N of the steps
+    assert sweep["epochs"].nunique() == 1                        # the same examples seen
+    assert sweep["epochs"].iloc[0] == 8 * 32 / len(base.workload.loaded().dataset.y)
+    assert len(list(figure.lines())) == 5
+    with pytest.raises(ValueError, match=r"nodes=\(1, 3\) .*dividing workload\.num_steps=8"):
+        lab.scaling_sweep(base, nodes=(1, 3))
+
+
+@pytest.mark.parametrize("nodes", [2, 3, 4])
+def test_the_ring_traffic_is_counted_from_real_sends_2_n_minus_1_times_the_gradient(nodes):
+    base = SyncSGDConfig(workload=Workload(model="mlp", batch_size=12, num_steps=2),
+                         world_size=1)
+    traffic = lab.ring_traffic(base, nodes=(nodes,))
+    n = traffic["gradient_bytes"].iloc[0]
+    assert traffic["rank"].tolist() == list(range(nodes))
+    assert traffic["bytes_sent"].sum() == 2 * (nodes - 1) * n     # counted, not booked
+    assert (traffic["bytes_sent"] - 2 * (nodes - 1) * n / nodes).abs().max() <= 8
+    assert (traffic["model_bytes"] > 0).all()
+
+
+def test_a_counted_run_gives_each_ranks_calls_per_operation():
+    base = SyncSGDConfig(workload=Workload(model="mlp", batch_size=16, num_steps=3),
+                         world_size=2, variant="naive")
+    out = lab.run_counted(base)
+    tensors = len(list(base.workload.build_model().parameters()))
+    assert [rank_out["ops"]["all_reduce"]["calls"] for rank_out in out] == [3 * tensors] * 2
+    torch.testing.assert_close(out[1]["params"], sync_sgd.reference(base)["params"])
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda: lab.timeline(TINY, steps=0), r"timeline: steps=0"),
     (lambda: lab.scaling_sweep(TINY, nodes=()), r"nodes=\(\)"),
-    (lambda: lab.scaling_sweep(TINY, nodes=(1, 0)), r"nodes=\(1, 0\)")])
+    (lambda: lab.scaling_sweep(TINY, nodes=(1, 0)), r"nodes=\(1, 0\)"),
+    (lambda: lab.ring_traffic(TINY, nodes=()), r"ring_traffic: nodes=\(\)")])
 def test_bad_numbers_are_refused_by_their_own_names(call, match):
     with pytest.raises(ValueError, match=match):
         call()

@@ -67,3 +67,43 @@ def test_young_interval_minimizes_the_expected_waste():
 def test_young_interval_refuses_a_bad_argument_naming_it(args, message):
     with pytest.raises(ValueError, match=message):
         recovery.young_interval(*args)
+
+
+@pytest.mark.parametrize("checkpoint_cost, mtbf", [(1.0, 50.0), (1.0, 400.0), (0.005, 2.0)])
+def test_young_interval_lies_in_the_band_of_the_best_interval_under_random_failures(
+        checkpoint_cost, mtbf):
+    low, best, high = recovery.best_interval(
+        recovery.failure_sweep(checkpoint_cost, mtbf, runs=5_000))
+    assert low < recovery.young_interval(checkpoint_cost, mtbf) < high, (low, best, high)
+
+
+def test_the_band_of_the_best_interval_rejects_the_formula_for_a_wrong_mtbf():
+    # The check can fail: Young's interval for a quarter of the true MTBF lies outside.
+    low, _, high = recovery.best_interval(recovery.failure_sweep(1.0, 400.0, runs=5_000))
+    assert not low < recovery.young_interval(1.0, 100.0) < high
+    assert not low < recovery.young_interval(1.0, 1600.0) < high
+
+
+def test_failure_sweep_waste_grows_with_the_failure_rate_and_the_checkpoint_cost():
+    base = recovery.failure_sweep(1.0, 400.0, work=8000.0, runs=2_000)
+    more_failures = recovery.failure_sweep(1.0, 200.0, work=8000.0, runs=2_000)
+    assert base.failures.mean() == pytest.approx(8000.0 / 400.0, rel=0.25)
+    assert more_failures.wasted_time.min() > base.wasted_time.min()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(checkpoint_cost=0, mtbf=10), "checkpoint_cost=0"),
+    (dict(checkpoint_cost=1, mtbf=3), "mtbf=3"),
+    (dict(checkpoint_cost=1, mtbf=10, work=5), "work=5"),
+    (dict(checkpoint_cost=1, mtbf=10, factor=1), "factor=1"),
+    (dict(checkpoint_cost=1, mtbf=10, runs=0), "runs=0")])
+def test_failure_sweep_refuses_a_bad_argument_naming_it(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        recovery.failure_sweep(**kwargs)
+
+
+def test_failure_figure_draws_the_simulated_waste_the_band_and_young():
+    sweep = recovery.failure_sweep(1.0, 400.0, runs=500)
+    fig = recovery.failure_figure(sweep, 1.0, 400.0)
+    assert list(fig.data[0].x) == sweep.interval.tolist()
+    assert "Young" in str(fig.layout.annotations) and len(fig.layout.shapes) == 2

@@ -48,6 +48,16 @@ def test_linear_scaling_rule_with_gradual_warmup():
     assert lr_at(replace(c, lr_scaling=False), 50) == 0.1
 
 
+def test_warmup_is_a_knob_of_its_own_and_zero_turns_it_off():
+    c = SyncSGDConfig(workload=replace(LINEAR, lr=0.1), world_size=4, lr_scaling=True,
+                      warmup_steps=0)
+    assert lr_at(c, 0) == lr_at(c, 7) == pytest.approx(0.4)   # the scaled rate from step 0
+    assert lr_at(replace(c, warmup_steps=4), 2) == pytest.approx(0.25)
+    assert lr_at(replace(c, lr_scaling=False, warmup_steps=4), 2) == 0.1   # nothing to warm to
+    with pytest.raises(ValueError, match=r"SyncSGDConfig\.warmup_steps=-1 .*an int >= 0"):
+        replace(c, warmup_steps=-1)
+
+
 def test_batches_are_disjoint_equal_and_reshuffled_each_epoch():
     c = SyncSGDConfig(workload=replace(LINEAR, batch_size=150), world_size=3)
     n = LINEAR_SIZE                                    # 341 per shard: 6 shares of 50 per epoch

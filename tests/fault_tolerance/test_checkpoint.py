@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 
 import distlab
-from distlab.exercises import fault_tolerance as exercise
 from distlab.fault_tolerance import checkpoint
 from distlab.fault_tolerance.elastic import TrainConfig, train
 from distlab.fault_tolerance.faults import Fault
@@ -171,45 +170,3 @@ def test_zero_resumes_exactly_and_reshards_to_another_world_size(tmp_path):
     assert one["start_step"] == 20 and one["history"][:20] == full[0]["history"][:20]
     # Same global batches, summed in another order: equal to float32 rounding.
     torch.testing.assert_close(one["params"], full[0]["params"])
-
-
-def _in_place(obj, path):
-    torch.save(obj, path)
-
-
-def _buffered_in_place(obj, path):
-    import io
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    with open(path, "wb") as f:
-        f.write(buf.getvalue())
-
-
-def _no_fsync(obj, path):
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def test_the_exercise_checker_accepts_the_reference_solution():
-    assert exercise.check_atomic_save(exercise.atomic_save).ok
-
-
-@pytest.mark.parametrize("mistake, explanation", [
-    (_in_place, "checkpoint 1 is lost"), (_buffered_in_place, "rewritten in place"),
-    (_no_fsync, "os.fsync")])
-def test_the_exercise_checker_explains_each_unsafe_save(mistake, explanation):
-    verdict = exercise.check_atomic_save(mistake)
-    assert not verdict.ok and explanation in verdict.message
-
-
-def test_the_exercise_checker_refuses_what_is_not_a_function():
-    verdict = exercise.check_atomic_save("torch.save")
-    assert not verdict.ok and "atomic_save must be a function, got str" in verdict.message
-
-
-def test_the_exercise_checker_names_a_save_that_raises():
-    def raises(obj, path):
-        raise OSError("disk full")
-    verdict = exercise.check_atomic_save(raises)
-    assert not verdict.ok and "saving checkpoint 1: rank 0 failed" in verdict.message
-    assert "disk full" in verdict.message

@@ -133,3 +133,13 @@ def test_a_restarted_torchrun_worker_resumes_from_the_latest_checkpoint(tmp_path
     result = torch.load(tmp_path / "out.pt", weights_only=False)
     config = TrainConfig(str(tmp_path), workload=replace(WORKLOAD, num_steps=30), checkpoint_every=10)
     torch.testing.assert_close(result["params"], elastic.reference(config)["params"])
+
+
+def test_stop_while_an_attempt_starts_says_stopped(tmp_path):
+    # Stop pressed at once: the first attempt may still be starting; the fault it would
+    # hit (rank 0 raises at step 24) must not become the run's error.
+    config = TrainConfig(str(tmp_path), checkpoint_every=10, fault=Fault("raise", rank=0, step=24))
+    run = elastic.start(config, ElasticConfig(world_size=2, timeout=60))
+    run.stop()
+    assert run.wait(30)
+    assert isinstance(run.error, distlab.WorkerError) and str(run.error).startswith("stopped")

@@ -147,22 +147,6 @@ def test_column_and_row_shards_tile_the_weight():
     assert tp.column_shard(qkv, 0, 2, parts=3).tolist() == [0, 1, 4, 5, 8, 9]
 
 
-def test_row_parallel_exercise_checker():
-    from distlab.exercises import model_parallel as ex
-    assert ex.check_row_parallel_forward(ex.row_parallel_forward).ok
-
-    def bias_before_the_sum(x_shard, weight_shard, bias, group=None):
-        from distlab import comm
-        y = x_shard @ weight_shard.T + bias
-        comm.all_reduce(y, group=group)
-        return y
-    verdict = ex.check_row_parallel_forward(bias_before_the_sum)
-    assert not verdict.ok and "bias is counted 2 times" in verdict.message
-    verdict = ex.check_row_parallel_forward(lambda x, w, b, group=None: x @ w.T + b)
-    assert not verdict.ok and "only this rank's partial product" in verdict.message
-    assert "row_parallel_forward" in distlab.exercises.names()
-
-
 def test_shards_refuse_bad_ranks_and_uneven_splits():
     w = torch.zeros(6, 4)
     with pytest.raises(ValueError, match=r"rank=2 is out of range; allowed an int in 0..1"):
@@ -173,11 +157,3 @@ def test_shards_refuse_bad_ranks_and_uneven_splits():
         tp.column_shard(w, 0, 4)
     with pytest.raises(ValueError, match=r"columns=4 is not divisible .* degree 3"):
         tp.row_shard(w, 0, 3)
-
-
-def test_row_parallel_exercise_checker_refuses_what_it_cannot_run():
-    from distlab.exercises import model_parallel as ex
-    verdict = ex.check_row_parallel_forward(42)
-    assert not verdict.ok and "must be a function" in verdict.message
-    with pytest.raises(ValueError, match=r"world_size=5 is out of range; allowed 2, 3, 4 or 6"):
-        ex.check_row_parallel_forward(ex.row_parallel_forward, world_size=5)

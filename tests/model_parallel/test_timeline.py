@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from distlab.model_parallel.timeline import ActivationMeter, measured_bubble
+from distlab.model_parallel.timeline import (ActivationMeter, exposed_communication,
+                                             measured_bubble)
 
 
 def event(rank, step, kind, start, end):
@@ -23,11 +24,25 @@ def test_measured_bubble_is_the_share_of_rank_time_not_computing():
     assert measured_bubble(RESULTS) == measured_bubble(RESULTS, step=1)   # -1: the last
 
 
+def test_exposed_communication_is_the_share_of_rank_time_sending_and_receiving():
+    # One step of 0..4 on two ranks: rank 0 computes 0-1, sends 1-2, idles 2-4; rank 1 idles
+    # 0-1, receives 1-2, computes 2-4. Send and receive: 2 of the 8 rank-time units.
+    results = [{"events": [event(0, 0, "forward", 0, 1), event(0, 0, "send", 1, 2),
+                           event(0, 0, "idle", 2, 4)]},
+               {"events": [event(1, 0, "idle", 0, 1), event(1, 0, "recv", 1, 2),
+                           event(1, 0, "backward", 2, 4)]}]
+    assert exposed_communication(results) == pytest.approx(2 / 8)
+    assert measured_bubble(results) == pytest.approx(1 - 3 / 8)
+    assert exposed_communication(RESULTS, step=1) == 0.0
+
+
 def test_reading_a_step_the_run_did_not_record_is_refused():
     with pytest.raises(ValueError, match=r"step=2 is out of range; allowed an int in -2..1"):
         measured_bubble(RESULTS, step=2)
     with pytest.raises(ValueError, match=r"step=True is out of range"):
         measured_bubble(RESULTS, step=True)
+    with pytest.raises(ValueError, match=r"step=-3 is out of range"):
+        exposed_communication(RESULTS, step=-3)
 
 
 def test_activation_meter_counts_saved_activations_not_parameters():
