@@ -4,12 +4,17 @@ Build it (offline: the theme, myst-nb and plotly.js all come from installed pack
 
     .venv/bin/python -m sphinx -W --keep-going -b html docs docs/_build/html
 
-myst-nb executes every lab at the small setting (``DISTLAB_SMALL=1``) while it reads it, so
-the pages show real runs; a lab that fails fails the build. ``DISTLAB_STATIC_FIGURES=1``
-makes the labs' figures plotly HTML instead of widgets (see :mod:`distlab.ui.figures`), and
-the page loads plotly.js from the plotly package, copied into ``_static``. The API pages
-(``docs/api/``, not committed) are written at each build from the package's modules, so a
-new module is documented without editing anything here.
+The site shows each lab as a student receives it: the student release
+(:func:`distlab.course.grading.release_notebook`, solutions cleared, hidden tests removed),
+whose check cells show what a student sees before solving. myst-nb executes them at the small setting
+(``DISTLAB_SMALL=1``) while it reads them, so the pages show real runs; a lab that fails
+fails the build. Under ``DISTLAB_DOCS_EXECUTED=FOLDER`` the notebooks in that folder, already
+executed, are the pages and myst-nb executes nothing: ``tests/test_docs.py`` executes each
+lab once, playing with its panels, and builds the site from what it ran.
+``DISTLAB_STATIC_FIGURES=1`` makes the labs' figures plotly HTML instead of widgets (see
+:mod:`distlab.ui.figures`), and the page loads plotly.js from the plotly package, copied into
+``_static``. The API pages (``docs/api/``, not committed) are written at each build from the
+package's modules, so a new module is documented without editing anything here.
 """
 from __future__ import annotations
 
@@ -17,20 +22,19 @@ import importlib
 import json
 import os
 import pkgutil
-import shutil
 from pathlib import Path
 
+import nbformat
 import plotly
 from sphinx.ext.napoleon import Config as NapoleonConfig, GoogleDocstring
 
 import distlab
 
 DOCS = Path(__file__).resolve().parent
-LABS = DOCS / "labs"     # copies of ../labs/*.ipynb, made at each build (not committed)
-
-# Read by the kernels myst-nb starts, which inherit this process's environment.
-os.environ["DISTLAB_SMALL"] = "1"
-os.environ["DISTLAB_STATIC_FIGURES"] = "1"
+SOURCES = sorted((DOCS.parent / "labs").glob("*.ipynb"))
+LABS = DOCS / "labs"     # the pages of the labs, written at each build (not committed)
+EXECUTED = os.environ.get("DISTLAB_DOCS_EXECUTED")
+"""A folder of the labs' pages already executed (see above), or None: myst-nb executes."""
 
 project = "distlab"
 author = "the distlab authors"
@@ -49,15 +53,15 @@ nitpicky = True
 nitpick_ignore_regex = [   # types from other libraries: no inventories are fetched (offline)
     (r"py:.*", r"(torch|np|numpy|pd|pandas|go|plotly|W|ipywidgets|dist|nn|mp|threading|"
                r"multiprocessing|pathlib|collections|typing|concurrent|queue|socket|"
-               r"dataclasses|os|subprocess|datetime|io|contextlib)(\..*)?"),
+               r"dataclasses|os|subprocess|datetime|io|contextlib|argparse|nbformat|nbgrader)(\..*)?"),
     (r"py:.*", r"(Any|Callable|Iterable|Iterator|Sequence|Mapping|Path|Tensor|Module|"
                r"DataFrame|Figure|Widget|ProcessGroup|Optimizer|NoneType|optional|"
                r"Generator|Literal|Union|Protocol|TypeVar|T|Self)"),
     (r"py:.*", r"(.*\.)?_\w+"),   # private helpers are not part of the reference
 ]
 
-# myst-nb: execute every lab on each build, each cell given up to 10 minutes.
-nb_execution_mode = "force"
+# myst-nb: execute every lab on each build (unless EXECUTED), each cell given up to 10 minutes.
+nb_execution_mode = "off" if EXECUTED else "force"
 nb_execution_timeout = 600
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True
@@ -80,18 +84,24 @@ def binder_url(lab: Path) -> str:
     return f"https://mybinder.org/v2/gh/{BINDER_REPO}/HEAD?urlpath=lab/tree/labs/{lab.name}"
 
 
-def copy_labs() -> list[Path]:
-    """Copy the labs into ``docs/labs`` (a page must lie under ``docs/``; a symbolic link
-    would send MyST's links between labs outside it). Unchanged copies are left alone."""
+def website_notebook(lab: Path) -> nbformat.NotebookNode:
+    """The notebook the site shows for the source ``lab``: its student release (what
+    ``python -m distlab course release`` writes), which runs top to bottom unsolved."""
+    from distlab.course.grading import release_notebook
+    return release_notebook(nbformat.read(lab, as_version=4), solutions=False)
+
+
+def write_lab_pages(app) -> None:
+    """Write the labs' pages into ``docs/labs`` (a page must lie under ``docs/``; a symbolic
+    link would send MyST's links between labs outside it): the executed ones from
+    :data:`EXECUTED`, else each :func:`website_notebook`. Unchanged pages are left alone."""
     LABS.mkdir(exist_ok=True)
-    labs = sorted((DOCS.parent / "labs").glob("*.ipynb"))
-    for lab in labs:
-        copy = LABS / lab.name
-        if not copy.exists() or copy.read_bytes() != lab.read_bytes():
-            shutil.copyfile(lab, copy)
-    for stale in set(LABS.glob("*.ipynb")) - {LABS / lab.name for lab in labs}:
+    for lab in SOURCES:
+        page = (Path(EXECUTED) / lab.name).read_text() if EXECUTED else \
+            nbformat.writes(website_notebook(lab)) + "\n"
+        _write_if_changed(LABS / lab.name, page)
+    for stale in set(LABS.glob("*.ipynb")) - {LABS / lab.name for lab in SOURCES}:
         stale.unlink()
-    return labs
 
 
 def lab_title(lab: Path) -> str:
@@ -104,7 +114,7 @@ myst_substitutions = {
     "binder_table": "\n".join(
         ["| lab | open it on Binder |", "|---|---|"]
         + [f"| [{lab_title(lab)}](labs/{lab.stem}.ipynb) | [launch]({binder_url(lab)}) |"
-           for lab in copy_labs()]),
+           for lab in SOURCES]),
 }
 
 
@@ -208,6 +218,11 @@ def _lookup(dotted: str):
 
 
 def setup(app):
+    # Read by the kernels myst-nb starts, which inherit this process's environment (set here,
+    # not at import, so that tests/test_docs.py can import website_notebook from this file).
+    os.environ["DISTLAB_SMALL"] = "1"
+    os.environ["DISTLAB_STATIC_FIGURES"] = "1"
+    app.connect("builder-inited", write_lab_pages)
     app.connect("builder-inited", write_api_pages)
     app.connect("autodoc-process-docstring", google_sections)
     app.connect("missing-reference", resolve_reexports)

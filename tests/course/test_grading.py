@@ -193,6 +193,16 @@ def test_release_writes_every_source_notebook(sources, tmp_path):
     assert "the unique solution text" not in written[0].read_text()
 
 
+def test_release_keeps_a_students_notebook_unless_told_to_overwrite(sources, tmp_path):
+    (tmp_path / "out").mkdir()
+    work = tmp_path / "out" / "99_tiny.ipynb"
+    work.write_text("a student's answers")
+    assert release(tmp_path / "out", sources=sources) == []
+    assert work.read_text() == "a student's answers"
+    assert release(tmp_path / "out", sources=sources, overwrite=True) == [work]
+    assert "the unique solution text" not in work.read_text()
+
+
 def test_release_refuses_a_folder_without_notebooks(tmp_path):
     with pytest.raises(FileNotFoundError, match="no \\*.ipynb"):
         release(tmp_path / "out", sources=tmp_path)

@@ -13,6 +13,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     r.add_argument("out", metavar="OUT", help="the folder to write the notebooks to")
     r.add_argument("--solutions", action="store_true",
                    help="write the solved notebooks instead (still without hidden tests)")
+    r.add_argument("--sources", default=None,
+                   help="the folder of instructor notebooks (default: the checkout's labs/)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace notebooks already in OUT (by default they are kept: they "
+                        "may hold a student's work)")
     g = cmd.add_parser("grade", help="grade every *.ipynb in DIR on real processes; "
                                      "write a CSV")
     g.add_argument("dir", metavar="DIR", help="a folder of submissions, one notebook each")
@@ -28,8 +33,12 @@ def run(args, parser: argparse.ArgumentParser) -> int:
     from distlab.course.grading import grade, release
     try:
         if args.course_command == "release":
-            for path in release(args.out, solutions=args.solutions):
+            written = release(args.out, solutions=args.solutions, sources=args.sources,
+                              overwrite=args.overwrite)
+            for path in written:
                 print(path)
+            if not written:
+                print(f"every notebook is already in {args.out}: kept (--overwrite replaces them)")
             return 0
         rows = grade(args.dir, args.out, timeout=args.timeout, jobs=args.jobs)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:

@@ -18,13 +18,18 @@ from distlab.course.grading.cells import (grade_id, labs_dir, read, require_nbgr
                                           without_cell_ids)
 
 
-def release(out_dir, solutions: bool = False, sources=None) -> list[Path]:
+def release(out_dir, solutions: bool = False, sources=None,
+            overwrite: bool = False) -> list[Path]:
     """Write every ``labs/*.ipynb`` as handed out to students; return the written paths.
+
+    A notebook already in ``out_dir`` is kept (it may hold a student's work) unless
+    ``overwrite``: running the README's start command again never loses an answer.
 
     Args:
         out_dir: the folder to write to (created if needed); file names are the sources'.
         solutions: True writes the solved notebooks (still without hidden tests).
         sources: the folder of instructor notebooks; default: the checkout's ``labs/``.
+        overwrite: replace notebooks that already exist in ``out_dir``.
     """
     require_nbgrader()
     src = Path(sources) if sources is not None else labs_dir()
@@ -38,6 +43,8 @@ def release(out_dir, solutions: bool = False, sources=None) -> list[Path]:
     written = []
     for path in paths:
         target = out / path.name
+        if target.exists() and not overwrite:
+            continue
         nbformat.write(release_notebook(read(path), solutions), str(target))
         written.append(target)
     return written
