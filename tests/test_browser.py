@@ -215,11 +215,15 @@ def _stop_while_running(run, stop, status, before: str, what: str) -> None:
     """Press Stop as soon as it is enabled; a run that ends first (a short one) is left be.
     A run that ended between two looks with the same status text as the run before it
     leaves nothing to see: after 20 s with Run enabled, it counts as ended."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     t0 = time.monotonic()
     while True:
         if stop.is_enabled():
-            stop.click()
-            return
+            try:      # the run may end (Stop disabled again) between the look and the click
+                stop.click(timeout=2_000)
+                return
+            except PlaywrightTimeout:
+                pass
         text = status.inner_text()
         if run.is_enabled() and not text.startswith("running") and (
                 text != before or time.monotonic() - t0 > 20):
