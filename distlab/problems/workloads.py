@@ -26,6 +26,8 @@ from torch import nn
 from distlab.checks import is_int, is_number, require
 
 MODELS = ("linear", "mlp", "transformer")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+"""``torch.optim.SGD`` (with ``momentum``), ``torch.optim.Adam``, ``torch.optim.AdamW``."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,13 @@ class Workload:
     batch_size: int = 64
     """Examples (or text windows) per optimizer step, over all ranks."""
     lr: float = 0.1
-    """SGD learning rate."""
+    """Learning rate."""
+    optimizer_name: str = "sgd"
+    """A key of :data:`OPTIMIZERS`: what :meth:`optimizer` builds."""
+    momentum: float = 0.0
+    """SGD's momentum (``"sgd"`` only)."""
+    weight_decay: float = 0.0
+    """L2 penalty (``"sgd"``, ``"adam"``) or decoupled weight decay (``"adamw"``)."""
     num_steps: int = 20
     """Optimizer steps."""
     seed: int = 0
@@ -65,6 +73,12 @@ class Workload:
                     f"an int >= 1 dividing hidden={self.hidden} (each head gets "
                     "hidden/num_heads dims)")
         require(self, "lr", is_number(self.lr) and self.lr > 0, "a number > 0")
+        require(self, "optimizer_name", self.optimizer_name in OPTIMIZERS,
+                f"one of {OPTIMIZERS}")
+        require(self, "momentum", is_number(self.momentum) and 0 <= self.momentum < 1,
+                "a number in [0, 1)")
+        require(self, "weight_decay", is_number(self.weight_decay) and self.weight_decay >= 0,
+                "a number >= 0")
         require(self, "seed", is_int(self.seed) and 0 <= self.seed <= 2 ** 31,
                 "an int in 0..2^31")
         if self.loaded_for != (self.model, self.seed):
@@ -123,8 +137,14 @@ class Workload:
         return F.cross_entropy(output.reshape(-1, output.shape[-1]), y.reshape(-1))
 
     def optimizer(self, params) -> torch.optim.Optimizer:
-        """The optimizer every rank and the single-process reference step with: plain SGD."""
-        return torch.optim.SGD(params, lr=self.lr)
+        """The optimizer every rank and the single-process reference step with (plain SGD
+        by default)."""
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,
+                               weight_decay=self.weight_decay)
 
 
 def train_reference(workload: Workload) -> list[float]:

@@ -37,7 +37,9 @@ def test_linear_workload_is_sgd_on_least_squares_by_hand():
 
 @pytest.mark.parametrize("field, value", [("model", "cnn"), ("lr", 0), ("batch_size", 0),
                                           ("num_steps", True), ("hidden", 1.5),
-                                          ("seed", 1.5), ("seed", -1)])
+                                          ("seed", 1.5), ("seed", -1),
+                                          ("optimizer_name", "lion"), ("momentum", 1.0),
+                                          ("weight_decay", -0.1)])
 def test_bad_workloads_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=f"Workload.{field}="):
         Workload(**{field: value})
@@ -50,3 +52,12 @@ def test_replacing_the_seed_of_a_loaded_workload_reloads_its_data():
     torch.testing.assert_close(other.loaded().dataset.X, linear_regression(seed=2).X)
     same = replace(w, lr=0.5)                    # not a data field: the data travels on
     assert same.dataset is w.dataset
+
+
+@pytest.mark.parametrize("name, cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),
+                                       ("adamw", torch.optim.AdamW)])
+def test_the_workload_builds_the_optimizer_it_names(name, cls):
+    w = Workload(optimizer_name=name, lr=0.01, weight_decay=0.1)
+    opt = w.optimizer(torch.nn.Linear(2, 1).parameters())
+    assert type(opt) is cls
+    assert opt.defaults["lr"] == 0.01 and opt.defaults["weight_decay"] == 0.1
