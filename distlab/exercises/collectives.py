@@ -23,11 +23,10 @@ from typing import Callable
 
 import torch
 
-from distlab.checks import is_int, is_number, require_arg
-from distlab.exercises import Verdict, forbid, launch_student
+from distlab.checks import is_int, require_arg
+from distlab.exercises import Verdict, forbid, launch_student, require_case
 
 BASE = 8            # one base-8 digit per rank: exact in float32 for up to 7 ranks
-DTYPES = (torch.float32, torch.float64)
 FORBIDDEN = tuple(f"torch.distributed.{name}" for name in (
     "all_reduce", "reduce_scatter", "reduce_scatter_tensor", "all_gather",
     "all_gather_into_tensor", "reduce", "broadcast")) + tuple(
@@ -224,8 +223,7 @@ def _require_case(world_size, numel, dtype, points) -> None:
                 f"an int in 1..{BASE - 1} (one base-{BASE} digit per rank)")
     require_arg("numel", numel, is_int(numel) and world_size <= numel <= 10_000,
                 f"an int in {world_size}..10000 (at least one element per chunk)")
-    require_arg("dtype", dtype, dtype in DTYPES, "torch.float32 or torch.float64")
-    require_arg("points", points, is_number(points) and points >= 0, "a number >= 0")
+    require_case(world_size, numel, dtype, points)
 
 
 def _case(world_size: int, numel: int, dtype: torch.dtype) -> str:

@@ -23,10 +23,9 @@ from typing import Callable
 
 import torch
 
-from distlab.checks import is_int, is_number, require_arg
-from distlab.exercises import Verdict, forbid, launch_student
+from distlab.checks import is_int, require_arg
+from distlab.exercises import Verdict, forbid, launch_student, require_case
 
-DTYPES = (torch.float32, torch.float64)
 FORBIDDEN = tuple(f"distlab.communication_efficient.compression.{name}" for name in (
     "all_reduce_compressed", "compress_with_feedback", "TopK.compress", "TopK.decompress"))
 """What the student may not call: distlab's own top-k compressor and compressed all-reduce."""
@@ -321,10 +320,6 @@ def _case(world_size, numel, k, dtype) -> str:
 
 
 def _require_case(world_size, numel, k, steps, dtype, points) -> None:
-    require_arg("world_size", world_size, is_int(world_size) and 1 <= world_size <= 8,
-                "an int in 1..8")
-    require_arg("numel", numel, is_int(numel) and numel >= 1, "an int >= 1")
+    require_case(world_size, numel, dtype, points)
     require_arg("k", k, is_int(k) and 1 <= k <= numel, f"an int in 1..numel={numel}")
     require_arg("steps", steps, is_int(steps) and steps >= 1, "an int >= 1")
-    require_arg("dtype", dtype, dtype in DTYPES, "torch.float32 or torch.float64")
-    require_arg("points", points, is_number(points) and points >= 0, "a number >= 0")

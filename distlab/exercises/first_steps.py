@@ -22,7 +22,6 @@ from distlab.exercises import Verdict, forbid, launch_student, require_case
 from distlab.problems.data import linear_regression, shard_indices
 from distlab.problems.models import linear
 
-DTYPES = (torch.float32, torch.float64)
 LOSS_SHARE = 0.25
 """Part B: the share of the points for the loss; the parameters earn the rest."""
 

@@ -30,7 +30,6 @@ import torch
 from distlab.checks import is_int, require_arg
 from distlab.exercises import Verdict, forbid, launch_student, require_case
 
-DTYPES = (torch.float32, torch.float64)
 OPTIMIZERS = {"adam": (torch.optim.Adam, {"lr": 0.05}),
               "sgd": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9})}
 ROWS = 3

@@ -6,17 +6,14 @@ import pytest
 import torch
 
 from distlab import comm
-from distlab.course.grading import solution_source
+from distlab.course.grading import lab_solutions
 from distlab.exercises import async_sgd as exercise
 
 pytestmark = pytest.mark.timeout(300)
 LAB = Path(__file__).resolve().parents[2] / "labs" / "03_async_sgd_and_staleness.ipynb"
 
-# The lab's own solutions (the package holds none), run after the imports of its setup cell.
-SOLVED = {"__name__": "lab03_solutions"}
-exec("import torch\nfrom distlab import comm", SOLVED)
-for grade_id in ("lab03_a_code", "lab03_b_code"):
-    exec(solution_source(LAB, grade_id), SOLVED)
+# The lab's own solutions (the package holds none).
+SOLVED = lab_solutions(LAB)
 may_proceed, serve = SOLVED["may_proceed"], SOLVED["serve"]
 
 

@@ -1,40 +1,23 @@
 """Lab 01's checkers (distlab.exercises.collectives): they pass the lab's own solutions, name
 the rank and chunk of each classic mistake, give the partial points they promise, and refuse
 the collectives that are off limits."""
-import json
-import sys
 from pathlib import Path
 
-import cloudpickle
 import pytest
 import torch
 import torch.distributed as dist
 
 from distlab import comm
 from distlab.communication import collectives
-from distlab.course.grading import solution_source
+from distlab.course.grading import lab_solutions
 from distlab.exercises import collectives as exercise
 
 pytestmark = pytest.mark.timeout(300)
-# The workers get this module's functions by value: importing it there (nbgrader and all)
-# would cost more than a checker's time limit on a loaded machine.
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
 LAB = Path(__file__).resolve().parents[2] / "labs" / "01_collectives_and_communication_cost.ipynb"
 
 
-def lab_solutions() -> dict:
-    """The assignment's setup cell and both solutions, from the lab's source, executed."""
-    cells = json.loads(LAB.read_text())["cells"]
-    setup = next(c for c in cells if c["cell_type"] == "code"
-                 and "assignment" in c["metadata"].get("tags", ()))
-    namespace = {"__name__": "lab01_solutions"}
-    exec("".join(setup["source"]), namespace)
-    for grade_id in ("lab01_a_code", "lab01_b_code"):
-        exec(solution_source(LAB, grade_id), namespace)
-    return namespace
 
-
-SOLVED = lab_solutions()
+SOLVED = lab_solutions(LAB)
 reduce_scatter, all_reduce = SOLVED["my_ring_reduce_scatter"], SOLVED["my_ring_all_reduce"]
 
 

@@ -7,22 +7,15 @@ import torch
 import torch.distributed as dist
 
 from distlab import comm
-from distlab.course.grading import solution_source
+from distlab.course.grading import lab_solutions
 from distlab.exercises import compression as exercise
 
 pytestmark = pytest.mark.timeout(300)
 LAB = Path(__file__).resolve().parents[2] / "labs" / "06_communication_efficient_training.ipynb"
 
 
-def lab_solutions() -> dict:
-    """The source notebook's solutions of parts A and B, executed with the section's imports."""
-    namespace = {"__name__": "lab06_solutions", "torch": torch, "dist": dist, "comm": comm}
-    for grade_id in ("lab06_a_code", "lab06_b_code"):
-        exec(solution_source(LAB, grade_id), namespace)
-    return namespace
 
-
-SOLVED = lab_solutions()
+SOLVED = lab_solutions(LAB)
 topk_with_feedback, topk_all_reduce = SOLVED["topk_with_feedback"], SOLVED["topk_all_reduce"]
 
 

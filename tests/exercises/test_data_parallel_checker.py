@@ -7,17 +7,14 @@ import torch
 import torch.distributed as dist
 
 from distlab import comm
-from distlab.course.grading import solution_source
+from distlab.course.grading import lab_solutions
 from distlab.exercises import data_parallel as exercise
 
 pytestmark = pytest.mark.timeout(300)
 LAB = Path(__file__).resolve().parents[2] / "labs" / "02_data_parallel_sync_sgd.ipynb"
 
-# The lab's own solutions (the package holds none), run after the imports of its setup cell.
-SOLVED = {"__name__": "lab02_solutions"}
-exec("import torch\nimport torch.distributed as dist\nfrom distlab import comm", SOLVED)
-for grade_id in ("lab02_a_code", "lab02_b_code"):
-    exec(solution_source(LAB, grade_id), SOLVED)
+# The lab's own solutions (the package holds none).
+SOLVED = lab_solutions(LAB)
 average_gradients, DDP = SOLVED["average_gradients"], SOLVED["DDP"]
 
 

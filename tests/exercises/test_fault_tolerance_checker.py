@@ -1,37 +1,20 @@
 """Lab 07's checkers (distlab.exercises.fault_tolerance): they pass the lab's own solutions,
 explain each unsafe save and each incomplete resume, and give the points they promise."""
-import json
-import sys
 import os
 from pathlib import Path
 
-import cloudpickle
 import pytest
 import torch
 
-from distlab.course.grading import solution_source
+from distlab.course.grading import lab_solutions
 from distlab.exercises import fault_tolerance as exercise
 
 pytestmark = pytest.mark.timeout(300)
-# The workers get this module's functions by value: importing it there (nbgrader and all)
-# would cost more than a checker's time limit on a loaded machine.
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
 LAB = Path(__file__).resolve().parents[2] / "labs" / "07_fault_tolerance.ipynb"
 
 
-def lab_solutions() -> dict:
-    """The assignment's setup cell and both solutions, from the lab's source, executed."""
-    cells = json.loads(LAB.read_text())["cells"]
-    setup = next(c for c in cells if c["cell_type"] == "code"
-                 and "assignment" in c["metadata"].get("tags", ()))
-    namespace = {"__name__": "lab07_solutions"}
-    exec("".join(setup["source"]), namespace)
-    for grade_id in ("lab07_a_code", "lab07_b_code"):
-        exec(solution_source(LAB, grade_id), namespace)
-    return namespace
 
-
-SOLVED = lab_solutions()
+SOLVED = lab_solutions(LAB)
 atomic_save, resume = SOLVED["atomic_save"], SOLVED["resume"]
 
 

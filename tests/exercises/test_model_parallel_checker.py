@@ -1,38 +1,21 @@
 """Lab 05's checkers (distlab.exercises.model_parallel): they pass the lab's own solutions,
 check f and g forward *and* backward, and name the layer, gradient or stage that is wrong."""
-import json
-import sys
 from pathlib import Path
 
-import cloudpickle
 import pytest
 import torch
 import torch.nn.functional as F
 
 from distlab import comm
-from distlab.course.grading import solution_source
+from distlab.course.grading import lab_solutions
 from distlab.exercises import model_parallel as exercise
 
 pytestmark = pytest.mark.timeout(300)
-# The workers get this module's functions by value: importing it there (nbgrader and all)
-# would cost more than a checker's time limit on a loaded machine.
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
 LAB = Path(__file__).resolve().parents[2] / "labs" / "05_model_parallel.ipynb"
 
 
-def lab_solutions() -> dict:
-    """The assignment's setup cell and both solutions, from the lab's source, executed."""
-    cells = json.loads(LAB.read_text())["cells"]
-    setup = next(c for c in cells if c["cell_type"] == "code"
-                 and "assignment" in c["metadata"].get("tags", ()))
-    namespace = {"__name__": "lab05_solutions"}
-    exec("".join(setup["source"]), namespace)
-    for grade_id in ("lab05_a_code", "lab05_b_code"):
-        exec(solution_source(LAB, grade_id), namespace)
-    return namespace
 
-
-SOLVED = lab_solutions()
+SOLVED = lab_solutions(LAB)
 F_CLS, G_CLS = SOLVED["CopyToParallel"], SOLVED["ReduceFromParallel"]
 COLUMN, ROW, ONE_F_ONE_B, STEP = (SOLVED["column_parallel_linear"],
                                   SOLVED["row_parallel_linear"], SOLVED["one_f_one_b"],

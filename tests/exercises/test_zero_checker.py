@@ -1,39 +1,22 @@
 """Lab 04's checkers (distlab.exercises.zero): they pass the lab's own solutions and name
 what is wrong in the classic mistakes, with the points each half earns."""
-import json
 import math
-import sys
 from pathlib import Path
 
-import cloudpickle
 import pytest
 import torch
 import torch.distributed as dist
 
 from distlab import comm
-from distlab.course.grading import solution_source
+from distlab.course.grading import lab_solutions
 from distlab.exercises import zero as exercise
 
 pytestmark = pytest.mark.timeout(300)
-# The workers get this module's functions by value: importing it there (nbgrader and all)
-# would cost more than a checker's time limit on a loaded machine.
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
 LAB = Path(__file__).resolve().parents[2] / "labs" / "04_distributed_adam_and_zero.ipynb"
 
 
-def lab_solutions() -> dict:
-    """The assignment's setup cell and both solutions, from the lab's source, executed."""
-    cells = json.loads(LAB.read_text())["cells"]
-    setup = next(c for c in cells if c["cell_type"] == "code"
-                 and "assignment" in c["metadata"].get("tags", ()))
-    namespace = {"__name__": "lab04_solutions"}
-    exec("".join(setup["source"]), namespace)
-    for grade_id in ("lab04_a_code", "lab04_b_code"):
-        exec(solution_source(LAB, grade_id), namespace)
-    return namespace
 
-
-SOLVED = lab_solutions()
+SOLVED = lab_solutions(LAB)
 shard_of, Zero2 = SOLVED["shard_of"], SOLVED["Zero2"]
 
 

@@ -15,9 +15,9 @@ nbgrader database, no course directory, no docker)::
 locked); :func:`grade` runs every submission's assignment section in a fresh kernel, with
 the source's check cells put back, and writes one CSV row per notebook.
 """
-from distlab.course.grading.cells import labs_dir, solution_source
+from distlab.course.grading.cells import lab_solutions, labs_dir, solution_source
 from distlab.course.grading.grade import grade, grade_notebook
 from distlab.course.grading.release import release, release_notebook
 
-__all__ = ["release", "release_notebook", "solution_source", "grade", "grade_notebook",
-           "labs_dir"]
+__all__ = ["release", "release_notebook", "solution_source", "lab_solutions", "grade",
+           "grade_notebook", "labs_dir"]

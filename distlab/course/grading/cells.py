@@ -125,3 +125,22 @@ def solution_source(path, grade_id_: str) -> str:
                              if line.strip() not in (BEGIN_SOLUTION, END_SOLUTION))
     raise KeyError(f"{path} has no solution cell with grade_id {grade_id_!r}; it has "
                    f"{[grade_id(c) for c in nb.cells if is_solution(c)]}")
+
+
+def lab_solutions(path) -> dict:
+    """The assignment's setup cell and every solved cell of the source notebook ``path``,
+    executed in one namespace: the solved functions, by name, for a checker's tests.
+
+    Defined in a namespace named after the lab (``lab04_solutions``), not in an importable
+    module, so the functions travel to worker processes by value.
+    """
+    nb = read(path)
+    namespace = {"__name__": f"{lab_of(nb)}_solutions"}
+    setup = next((c for c in nb.cells if c.cell_type == "code"
+                  and ASSIGNMENT_TAG in c.metadata.get("tags", ())), None)
+    if setup is not None:
+        exec(setup.source, namespace)
+    for cell in nb.cells:
+        if is_solution(cell):
+            exec(solution_source(path, grade_id(cell)), namespace)
+    return namespace
