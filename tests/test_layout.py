@@ -12,7 +12,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "distlab"
 TOPICS = ("communication", "data_parallel", "asynchronous", "sharding", "model_parallel",
-          "communication_efficient", "fault_tolerance", "problems")
+          "communication_efficient", "fault_tolerance", "problems", "heterogeneous",
+          "planning", "decentralized", "memory", "precision", "profiling")
 FORBIDDEN = ("distlab.course", "distlab.ui", "plotly", "ipywidgets", "anywidget")
 MAX_LINES = 360   # "about 350": a docstring's last lines never force a split
 
