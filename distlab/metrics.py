@@ -22,6 +22,12 @@ column                     meaning
 ``nbytes``                 size of one message or tensor in bytes (collectives lab)
 ``collective_time``        seconds of one collective on the slowest rank
 ``bytes_sent_per_call``    bytes this rank sent in one call (``bytes_sent`` is cumulative)
+``wait_time``              seconds this rank has waited in the gradient all-reduce (cumulative)
+``batch``                  examples of the global batch this rank took (its share)
+``kept``                   gradients the server kept this step (backup workers)
+``dropped``                gradients dropped so far (cumulative; backup workers)
+``consensus_distance``     mean over ranks of the squared distance to the average model
+``train_time``             seconds in the training loop, evaluation left out (cumulative)
 ========================== =========================================================
 """
 from __future__ import annotations

@@ -1,4 +1,3 @@
-
 import pytest
 
 from distlab.memory.activations import activation_bytes
