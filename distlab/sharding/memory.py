@@ -8,10 +8,12 @@ bytes of optimizer state per parameter (fp32 master weights, momentum and varian
     stage 0   (2 + 2 + K)Ψ          stage 2   2Ψ + (2 + K)Ψ/N
     stage 1   (2 + 2)Ψ + KΨ/N       stage 3   (2 + 2 + K)Ψ/N
 
-distlab trains in fp32, where the parameters are their own master weights: 4Ψ of
-parameters, 4Ψ of gradients and K = 8 (Adam, AdamW: m and v) or K = 4 (SGD with momentum).
-:func:`predicted_bytes` gives these; :func:`measure` adds up the bytes of the storages a
-rank really holds (each storage once, so views and tied weights are not counted twice).
+In fp32 the parameters are their own master weights: 4Ψ of parameters, 4Ψ of gradients and
+K = 8 (Adam, AdamW: m and v) or K = 4 (SGD with momentum). :func:`predicted_bytes` gives
+these, and with ``param_bytes=2, master_bytes=4`` the paper's 2 + 2 + K, K = 4 + 8 = 12
+(``ShardedOptimizer(..., master_weights=True)``, ``distlab.precision.mixed``).
+:func:`measure` adds up the bytes of the storages a rank really holds (each storage once,
+so views and tied weights are not counted twice).
 Activations and the transient buffers of one collective are not model states and are left
 out, as in the paper.
 """
@@ -27,23 +29,27 @@ STATE_BYTES_PER_PARAM = {"sgd": 4, "adam": 8, "adamw": 8}
 
 
 def predicted_bytes(num_params: int, stage: int, world_size: int, optimizer: str = "adam",
-                    param_bytes: int = 4) -> dict[str, float]:
-    """ZeRO's model-state bytes per rank, fp32 training (Rajbhandari et al. 2020, Figure 1).
+                    param_bytes: int = 4, master_bytes: int = 0) -> dict[str, float]:
+    """ZeRO's model-state bytes per rank (Rajbhandari et al. 2020, Figure 1).
 
     Args:
         num_params: Ψ, the number of trainable parameters.
         stage: 0 (plain data parallel) to 3.
         world_size: N.
         optimizer: "sgd" (with momentum), "adam" or "adamw".
-        param_bytes: bytes per parameter and per gradient value (4 for fp32).
+        param_bytes: bytes per parameter and per gradient value (4 for fp32, 2 for 16 bits).
+        master_bytes: bytes per parameter of the master weights, counted in the optimizer
+            state (0 in fp32 training; 4 for the fp32 masters of 16-bit training).
     """
     _require_sizes(num_params, stage, world_size)
     require_arg("param_bytes", param_bytes, is_number(param_bytes) and param_bytes > 0,
                 "a number > 0")
+    require_arg("master_bytes", master_bytes, is_number(master_bytes) and master_bytes >= 0,
+                "a number >= 0")
     if optimizer not in STATE_BYTES_PER_PARAM:
         raise ValueError(f"optimizer={optimizer!r} is unknown; allowed "
                          f"{sorted(STATE_BYTES_PER_PARAM)}")
-    psi, n, k = num_params, world_size, STATE_BYTES_PER_PARAM[optimizer]
+    psi, n, k = num_params, world_size, STATE_BYTES_PER_PARAM[optimizer] + master_bytes
     return {"params": param_bytes * psi / (n if stage >= 3 else 1),
             "grads": param_bytes * psi / (n if stage >= 2 else 1),
             "optimizer_state": k * psi / (n if stage >= 1 else 1)}
@@ -79,7 +85,8 @@ def measure(model: torch.nn.Module, optimizer) -> dict[str, int]:
     """Bytes of parameters, gradients and optimizer state this rank holds now.
 
     Every storage is counted once, in the first category that reaches it: a sharded
-    optimizer's parameters are views of the model's, so they count as parameters.
+    optimizer's parameters are views of the model's, so they count as parameters; fp32
+    master weights (what the optimizer steps in 16-bit training) are optimizer state.
 
     Args:
         model: the model as this rank holds it (an FSDP wrapper holds shards).
@@ -88,12 +95,13 @@ def measure(model: torch.nn.Module, optimizer) -> dict[str, int]:
     """
     local = _local_optimizer(optimizer)
     local_params = [p for g in local.param_groups for p in g["params"]]
+    shards = list(getattr(optimizer, "shards", []))    # ZeRO: 16-bit gradient shards
     params = list(model.parameters())
     tensors = {
-        "params": params + local_params,
-        "grads": [p.grad for p in params + local_params if p.grad is not None],
-        "optimizer_state": [v for st in local.state.values() for v in st.values()
-                            if torch.is_tensor(v)],
+        "params": params,
+        "grads": [p.grad for p in params + shards + local_params if p.grad is not None],
+        "optimizer_state": local_params + [v for st in local.state.values()
+                                           for v in st.values() if torch.is_tensor(v)],
     }
     seen, out = set(), {}
     for category in CATEGORIES:

@@ -35,6 +35,15 @@ counts as zeros, and every rank communicates the parameters in one fixed order (
 order; stage 2 the reverse, roughly the order backward produces them), grouped by device
 and dtype, whatever order its own backward ran in.
 
+Mixed precision (section 3.1's "2 + 2 + K"): give 16-bit parameters and
+``master_weights=True``. Each rank then keeps fp32 master weights of its shards only (K =
+4 + 4 + 4 with Adam, all of it divided by N), the gradients are reduce-scattered and the
+parameters all-gathered in 16 bits (half the bytes), and the step refreshes the 16-bit
+shards from the masters. With fp16, scale the loss and step through the scaler:
+``scaler.step(opt, opt.reduce_gradients(), group)``
+(``distlab.precision.loss_scaling.DynamicLossScaler``): each rank checks its own
+shards, so the overflow flag is agreed by an all-reduce MAX.
+
 All communication goes through :mod:`distlab.comm`, so every byte is counted.
 """
 from __future__ import annotations
@@ -43,7 +52,9 @@ import torch
 import torch.distributed as dist
 
 from distlab.data_parallel.ddp import average_gradients, grad_or_zeros
+from distlab.sharding import zero_checkpoint
 from distlab.sharding.layout import ShardLayout, all_gather_rows, reduce_scatter
+from distlab.sharding.zero_checkpoint import _hyper
 
 GRADIENT_MODES = ("averaged", "reduce_scatter", "sharded")
 STAGES = (0, 1, 2, 3)
@@ -127,14 +138,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
             has produced it and every one before it in the fixed order; only this rank's
             shard is kept and ``p.grad`` is freed. Every rank must run the same number of
             backward passes per step, each reaching at least one of these parameters (the
-            rest are sent as zeros when that backward ends). In both these modes a gradient that is None on a rank
-            counts as zeros (so a parameter no rank used is still stepped, with a zero
-            gradient, as under :func:`~distlab.data_parallel.ddp.average_gradients`).
+            rest are sent as zeros when that backward ends). In both these modes a
+            gradient that is None on a rank counts as zeros (so a parameter no rank used
+            is still stepped, with a zero gradient, as under
+            :func:`~distlab.data_parallel.ddp.average_gradients`).
+        master_weights: step fp32 copies of this rank's shards (for 16-bit parameters:
+            the masters are the only fp32 copy; the 16-bit shards are refreshed from them
+            after each step). They are copied from the parameters here: load the model's
+            weights before building the optimizer.
         **defaults: the optimizer's hyperparameters (``lr=...``).
     """
 
     def __init__(self, params, optimizer_class, group=None, *, gradients: str = "averaged",
-                 **defaults):
+                 master_weights: bool = False, **defaults):
         if gradients not in GRADIENT_MODES:
             raise ValueError(f"gradients={gradients!r} is not supported; use one of "
                              f"{GRADIENT_MODES}")
@@ -146,7 +162,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"ShardedOptimizer needs contiguous parameters; got one of "
                                  f"shape {tuple(p.shape)} with strides {p.stride()}: pass "
                                  "p.contiguous() parameters (or use NaiveDistributedOptimizer)")
-        self.group, self.gradients = group, gradients
+        if not isinstance(master_weights, bool):
+            raise ValueError(f"master_weights={master_weights!r} is out of range; allowed "
+                             "True or False")
+        self.group, self.gradients, self.master_weights = group, gradients, master_weights
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         # One layout per (device, dtype): a float64 parameter travels as float64.
         kinds: dict[tuple, list[int]] = {}
@@ -157,9 +176,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._place = {i: (layout, j) for idx, layout in self._buckets
                        for j, i in enumerate(idx)}
         self._shards = [_leaf_view(self._shard(i, p.data)) for i, p in enumerate(self._params)]
+        # What the local optimizer steps: the shards themselves, or their fp32 masters.
+        self.master_params = ([s.detach().float().requires_grad_(True) for s in self._shards]
+                              if master_weights else self._shards)
+        self._reduced = False
         index = {id(p): i for i, p in enumerate(self._params)}
         self.optim = optimizer_class(
-            [{**_hyper(g), "params": [self._shards[index[id(p)]] for p in g["params"]
+            [{**_hyper(g), "params": [self.master_params[index[id(p)]] for p in g["params"]
                                       if p.requires_grad]} for g in self.param_groups],
             **defaults)
         # Show the full hyperparameters (betas, eps...) on our groups, as torch does.
@@ -173,6 +196,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._reset_backward()
             self._hooks = [p.register_post_accumulate_grad_hook(
                 lambda p, i=i: self._on_grad_ready(i)) for i, p in enumerate(self._params)]
+
+    @property
+    def shards(self) -> list[torch.Tensor]:
+        """This rank's shard of every parameter (views of them), with its gradient's shard."""
+        return self._shards
 
     def _shard(self, i: int, full: torch.Tensor) -> torch.Tensor:
         layout, j = self._place[i]
@@ -228,6 +256,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
     # -- the step ---------------------------------------------------------------------
 
     @torch.no_grad()
+    def reduce_gradients(self) -> list[torch.Tensor]:
+        """Bring this step's gradients to this rank's shards (once per step; ``step`` calls
+        it too) and return the tensors the local optimizer will step, their ``.grad`` set:
+        what a loss scaler unscales and checks before ``step``."""
+        if not self._reduced:
+            self._gradients_to_shards()
+            if self.master_weights:   # fp32 gradients for the masters, during the step only
+                for s, m in zip(self._shards, self.master_params):
+                    m.grad = None if s.grad is None else s.grad.float()
+            self._reduced = True
+        return self.master_params
+
+    @torch.no_grad()
     def step(self, closure=None):
         """Step this rank's shards with the local optimizer, then all-gather the parameters."""
         loss = None
@@ -236,8 +277,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for ours, local in zip(self.param_groups, self.optim.param_groups):
             local.update(_hyper(ours))     # an LR scheduler may have changed ours
-        self._gradients_to_shards()
+        self.reduce_gradients()
         self.optim.step()
+        self._reduced = False
+        if self.master_weights:
+            for s, m in zip(self._shards, self.master_params):
+                s.copy_(m)                 # the 16-bit shard, rounded from its master
+                m.grad = None
         for idx, layout in self._buckets:
             rows = all_gather_rows(layout.pack_row([self._shards[i] for i in idx]), self.group)
             layout.unpack_rows_into(rows, [self._params[i] for i in idx])
@@ -245,8 +291,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
-        for s in self._shards:
-            s.grad = None
+        self._reduced = False
+        for s, m in zip(self._shards, self.master_params):
+            s.grad = m.grad = None
 
     # -- checkpoints: the unsharded torch format, loadable at any world size --------------
 
@@ -254,34 +301,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """Gather the whole optimizer state on rank ``to`` (every rank must call this).
 
         One all-gather per kind of per-element state (``exp_avg``, ``exp_avg_sq``...); the
-        result, kept on rank ``to``, has the format of ``optimizer_class(...).state_dict()``.
+        result, kept on rank ``to``, has the format of ``optimizer_class(...).state_dict()``
+        (``distlab.sharding.zero_checkpoint``). With ``master_weights`` the masters are
+        not in it (the model's own checkpoint holds their 16-bit rounding).
         """
-        local = [self.optim.state.get(s, {}) for s in self._shards]
-        keys = sorted({k for st in local for k, v in st.items() if torch.is_tensor(v)
-                       and v.dim() == 1})
-        full: dict[str, dict[int, torch.Tensor]] = {k: {} for k in keys}
-        for k in keys:
-            for idx, layout in self._buckets:
-                mine = [local[i].get(k) for i in idx]
-                like = next((t for t in mine if t is not None), None)
-                if like is None:
-                    continue
-                row = layout.pack_row([like.new_zeros(0) if t is None else t for t in mine])
-                full[k].update(zip(idx, layout.unpack_rows(all_gather_rows(row, self.group))))
-        if self.rank != to:
-            self._consolidated = None
-            return
-        index = {id(p): i for i, p in enumerate(self._params)}
-        state, groups, n = {}, [], 0
-        for g, local_group in zip(self.param_groups, self.optim.param_groups):
-            groups.append({**_hyper(local_group), "params": list(range(n, n + len(g["params"])))})
-            for p in g["params"]:
-                i = index.get(id(p))
-                if i is not None and local[i]:
-                    state[n] = {k: (full[k][i].clone() if i in full.get(k, {}) else _copy(v))
-                                for k, v in local[i].items()}
-                n += 1
-        self._consolidated = {"state": state, "param_groups": groups}
+        self._consolidated = zero_checkpoint.consolidate(self, to)
 
     def state_dict(self) -> dict:
         """The state gathered by :meth:`consolidate_state_dict` (only on its ``to`` rank)."""
@@ -292,28 +316,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load an unsharded torch-format state dict (from any world size); keep our shards."""
-        groups = state_dict["param_groups"]
-        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
-            raise ValueError(f"state_dict has groups of "
-                             f"{[len(g['params']) for g in groups]} parameters; this optimizer "
-                             f"has {[len(g['params']) for g in self.param_groups]}")
-        index = {id(p): i for i, p in enumerate(self._params)}
-        local_index = {id(s): j for j, s in enumerate(s for g in self.optim.param_groups
-                                                       for s in g["params"])}
-        local_state = {}
-        for g, saved in zip(self.param_groups, groups):
-            g.update(_hyper(saved))
-            for p, key in zip(g["params"], saved["params"]):
-                i = index.get(id(p))
-                st = state_dict["state"].get(key)
-                if i is not None and st:
-                    local_state[local_index[id(self._shards[i])]] = {
-                        k: (self._shard(i, v).clone()
-                            if torch.is_tensor(v) and v.dim() >= 1 and v.numel() == p.numel()
-                            else _copy(v)) for k, v in st.items()}
-        self.optim.load_state_dict({"state": local_state, "param_groups": [
-            {**_hyper(g), "params": [local_index[id(s)] for s in local["params"]]}
-            for g, local in zip(self.param_groups, self.optim.param_groups)]})
+        zero_checkpoint.load(self, state_dict)
 
 
 def _not_empty(params, who: str) -> list:
@@ -328,11 +331,3 @@ def _not_empty(params, who: str) -> list:
 def _leaf_view(t: torch.Tensor) -> torch.Tensor:
     # A leaf that shares storage with the parameter: the local optimizer writes the model.
     return t.detach().requires_grad_(True)
-
-
-def _hyper(group: dict) -> dict:
-    return {k: v for k, v in group.items() if k != "params"}
-
-
-def _copy(v):
-    return v.clone() if torch.is_tensor(v) else v
