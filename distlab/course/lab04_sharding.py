@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from distlab import comm, launcher
 from distlab.checks import is_int, is_number, require, require_arg
+from distlab.memory.measure import largest_unit_bytes, measure_step
 from distlab.metrics import report
 from distlab.problems import models
 from distlab.problems.workloads import Workload
@@ -145,6 +146,9 @@ def sweep(world_sizes=(2, 4), stages=STAGES, optimizer: str = "adam", hidden: in
 
     One launch per world size; every argument is validated before the first. Returns a tidy
     frame: ``world_size, stage, rank, category, measured, predicted`` (bytes). Category
+    ``peak`` is the largest model states (plus stage 3's gathered unit) at any moment of the
+    last step, traced by :func:`distlab.memory.measure.measure_step`, beside ZeRO's total
+    (plus :func:`~distlab.memory.measure.largest_unit_bytes` for stage 3). Category
     ``bytes_sent`` is one step's communication as the :mod:`distlab.comm` ledger counts it:
     for built-in collectives (stage 0's all-reduce, every all-gather) that is the ring
     algorithm's volume for the tensor really handed over (model bytes); on gloo, the
@@ -183,13 +187,15 @@ def _sweep_worker(config: ZeroConfig, stages) -> list[dict]:
         model, opt = make_stage(stage, net, config.optimizer, None, wl.lr)
         for X, y in wl.batches():
             comm.ledger().reset()
-            opt.zero_grad()
             # This rank's rows, as in train: X (B, ...) -> (B/N, ...), y (B,) -> (B/N,).
             X, y = X.chunk(world_size)[rank].to(dev), y.chunk(world_size)[rank].to(dev)
-            wl.loss(model(X), y).backward()
-            opt.step()
+            step = measure_step(model, opt, (X, y), wl.loss)   # the last step's is kept
         measured = memory.measure(model, opt)
         predicted = memory.predicted_bytes(num_params, stage, world_size, config.optimizer)
+        # The peak inside the step: model states plus, in stage 3, the gathered unit.
+        rows.append(dict(world_size=world_size, stage=stage, rank=rank, category="peak",
+                         measured=step["with_gathered_peak"],
+                         predicted=sum(predicted.values()) + largest_unit_bytes(model)))
         ops = comm.ledger().by_op()
         ring = (world_size - 1) / world_size * 4 * num_params
         for cat in memory.CATEGORIES:
@@ -206,9 +212,10 @@ def _sweep_worker(config: ZeroConfig, stages) -> list[dict]:
 COLORS = {"params": "#4C78A8", "grads": "#F58518", "optimizer_state": "#54A24B"}
 
 
-def memory_figure(df: pd.DataFrame) -> go.Figure:
+def memory_figure(df: pd.DataFrame, peak: bool = False) -> go.Figure:
     """Stacked bars of memory per rank (largest rank) by stage and world size: measured
-    (solid) beside ZeRO's formula (hatched)."""
+    (solid) beside ZeRO's formula (hatched); with ``peak``, markers for the measured peak
+    inside the step (model states plus stage 3's gathered unit) and its formula."""
     mem = df[df.category.isin(memory.CATEGORIES)]
     mem = mem.groupby(["world_size", "stage", "category"], as_index=False)[
         ["measured", "predicted"]].max()
@@ -223,9 +230,21 @@ def memory_figure(df: pd.DataFrame) -> go.Figure:
                         marker=dict(color=COLORS[cat], pattern_shape=pattern),
                         legendgroup=source)
             base = y if base is None else base + y
-    fig.update_layout(barmode="group", template="plotly_white", height=420,
-                      title="model-state memory per rank: measured (solid) and ZeRO's formula "
-                            "(hatched)", yaxis_title="KiB per rank")
+    if peak:     # the peak inside the step, stage 3's gathered unit included
+        top = df[df.category == "peak"].groupby(["world_size", "stage"], as_index=False)[
+            ["measured", "predicted"]].max()
+        x = [[f"N={n}" for n in top.world_size], [f"stage {s}" for s in top.stage]]
+        fig.add_scatter(x=x, y=top.measured / 1024, mode="markers", offsetgroup="measured",
+                        name="measured peak in the step (model states + gathered unit)",
+                        marker=dict(symbol="diamond", size=11, color="black"))
+        fig.add_scatter(x=x, y=top.predicted / 1024, mode="markers", offsetgroup="predicted",
+                        name="formula + the largest gathered unit (stage 3)",
+                        marker=dict(symbol="x", size=11, color="black"))
+    fig.update_layout(barmode="group", scattermode="group", template="plotly_white",
+                      height=420, title="model-state memory per rank: measured (solid) and "
+                      "ZeRO's formula (hatched)" + ("; markers: the peak inside the step"
+                                                     if peak else ""),
+                      yaxis_title="KiB per rank")
     return fig
 
 

@@ -81,6 +81,21 @@ def _local_optimizer(optimizer):
     return optimizer
 
 
+def model_state_tensors(model: torch.nn.Module, optimizer) -> dict[str, list[torch.Tensor]]:
+    """``{category: [tensor, ...]}`` for the :data:`CATEGORIES`, in the order
+    :func:`measure` counts them (a storage reached twice counts in the first category)."""
+    local = _local_optimizer(optimizer)
+    local_params = [p for g in local.param_groups for p in g["params"]]
+    shards = list(getattr(optimizer, "shards", []))    # ZeRO: 16-bit gradient shards
+    params = list(model.parameters())
+    return {
+        "params": params,
+        "grads": [p.grad for p in params + shards + local_params if p.grad is not None],
+        "optimizer_state": local_params + [v for st in local.state.values()
+                                           for v in st.values() if torch.is_tensor(v)],
+    }
+
+
 def measure(model: torch.nn.Module, optimizer) -> dict[str, int]:
     """Bytes of parameters, gradients and optimizer state this rank holds now.
 
@@ -93,16 +108,7 @@ def measure(model: torch.nn.Module, optimizer) -> dict[str, int]:
         optimizer: a torch optimizer, :class:`~distlab.sharding.zero.ShardedOptimizer` or
             :class:`~distlab.sharding.zero.NaiveDistributedOptimizer`.
     """
-    local = _local_optimizer(optimizer)
-    local_params = [p for g in local.param_groups for p in g["params"]]
-    shards = list(getattr(optimizer, "shards", []))    # ZeRO: 16-bit gradient shards
-    params = list(model.parameters())
-    tensors = {
-        "params": params,
-        "grads": [p.grad for p in params + shards + local_params if p.grad is not None],
-        "optimizer_state": local_params + [v for st in local.state.values()
-                                           for v in st.values() if torch.is_tensor(v)],
-    }
+    tensors = model_state_tensors(model, optimizer)
     seen, out = set(), {}
     for category in CATEGORIES:
         total = 0
