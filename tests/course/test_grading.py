@@ -306,10 +306,6 @@ def test_the_release_command_writes_every_lab_without_solutions_or_hidden_tests(
         assert "BEGIN SOLUTION" not in text and "HIDDEN TESTS" not in text, path.name
 
 
-def _lab_ids(path):
-    return [nbcells.grade_id(c) for c in nbcells.read(path).cells if nbcells.meta(c)]
-
-
 @pytest.fixture(scope="module")
 def real_grades(tmp_path_factory):
     subs = tmp_path_factory.mktemp("real_submissions")
@@ -317,9 +313,8 @@ def real_grades(tmp_path_factory):
         if not nbcells.check_cells(nbcells.read(path)):
             continue
         source = nbcells.read(path)
-        part_a = {g for g in _lab_ids(path) if "_a_" in g}
-        for version, solutions in [("solved", True), ("partial", part_a),
-                                   ("unsolved", False)]:
+        # Solved and unsolved; a partly solved submission is graded in the synthetic lab.
+        for version, solutions in [("solved", True), ("unsolved", False)]:
             nbformat.write(release_notebook(source, solutions),
                            str(subs / f"{path.stem}.{version}.ipynb"))
     t0 = time.monotonic()
@@ -333,14 +328,12 @@ def real_grades(tmp_path_factory):
 
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("lab", LABS, ids=[p.stem[:2] for p in LABS])
-def test_every_lab_grades_solved_partial_and_unsolved_submissions(lab, real_grades):
+def test_every_lab_grades_solved_and_unsolved_submissions(lab, real_grades):
     source = nbcells.read(lab)
     checks = nbcells.check_cells(source)
     if not checks:
         pytest.skip(f"{lab.name} has no check cells yet (not in the assignment format)")
     max_points = sum(float(nbcells.meta(c)["points"]) for c in checks.values())
-    part_a = sum(float(nbcells.meta(c)["points"]) for g, c in checks.items() if "_a_" in g)
-    got = {v: real_grades[f"{lab.stem}.{v}.ipynb"] for v in ("solved", "partial", "unsolved")}
+    got = {v: real_grades[f"{lab.stem}.{v}.ipynb"] for v in ("solved", "unsolved")}
     assert got["solved"]["points"] == max_points == 10, got["solved"]["feedback"]
-    assert got["partial"]["points"] == part_a, got["partial"]["feedback"]
     assert got["unsolved"]["points"] == 0, got["unsolved"]["feedback"]

@@ -1,6 +1,10 @@
 """The checkers' tests: their own functions (the broken variants) travel to the worker
 processes by value, because importing a test module there (nbgrader and all) would cost more
-than a checker's time limit on a loaded machine."""
+than a checker's time limit on a loaded machine.
+
+Each checker's tests run the lab's solution on one case (the other cases of the lab's check
+cells, hidden tests included, run when tests/course/test_grading.py grades the solved lab)
+and the classic mistakes on the cases that show them."""
 import cloudpickle
 
 

