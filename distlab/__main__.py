@@ -335,7 +335,8 @@ def _from_last_rank(value: float, group=None) -> float:
 
 
 def _without_params(result: dict) -> dict:
-    return {k: v for k, v in result.items() if k != "params"}
+    # The weights and FedAvg's per-round client lists are not a summary line.
+    return {k: v for k, v in result.items() if k not in ("params", "rounds")}
 
 
 def _under_torchrun() -> bool:

@@ -21,6 +21,11 @@ The linear scaling rule (``lr_scaling``) multiplies the learning rate by ``p`` t
 gradual warmup over ``warmup_steps`` (0: none) climbs to it from the rate tuned for one
 rank's ``B`` (Goyal et al. 2017, sections 2.1 and 2.2); see :func:`lr_at`.
 
+The optimizer is the workload's (:meth:`~distlab.problems.workloads.Workload.optimizer`:
+``optimizer_name`` "sgd" with ``momentum``, "adam" or "adamw", and ``weight_decay``), the
+same on every rank and in :func:`reference`; ``SyncSGDConfig.momentum``, when given, is
+the SGD momentum of the run in place of the workload's (:func:`run_workload`).
+
 Communication per step: one all-reduce of the n gradient bytes, 2(p-1)/p·n·beta plus
 latency terms that depend on the variant (see :mod:`distlab.data_parallel.ddp`).
 
@@ -71,8 +76,9 @@ class SyncSGDConfig:
     """Gradual warmup (section 2.2), a knob of its own: with ``lr_scaling``, the rate climbs
     from ``lr`` to ``world_size * lr`` over this many steps; 0 turns the warmup off (the
     scaled rate from the first step)."""
-    momentum: float = 0.0
-    """SGD momentum."""
+    momentum: float | None = None
+    """SGD momentum (Sutskever et al. 2013) in [0, 1), in place of ``workload.momentum``;
+    None: the workload's own. Only SGD has one: with "adam" or "adamw" it must be None or 0."""
     eval_every: int = 10
     """Steps between held-out evaluations (rank 0 reports ``val_loss`` and ``accuracy``)."""
     timeline_steps: int = 0
@@ -99,8 +105,11 @@ class SyncSGDConfig:
         require(self, "lr_scaling", isinstance(self.lr_scaling, bool), "True or False")
         require(self, "warmup_steps", is_int(self.warmup_steps) and self.warmup_steps >= 0,
                 "an int >= 0")
-        require(self, "momentum", is_number(self.momentum) and 0 <= self.momentum < 1,
-                "a number in [0, 1)")
+        m = self.momentum
+        require(self, "momentum", m is None or (is_number(m) and 0 <= m < 1
+                                                and (m == 0 or w.optimizer_name == "sgd")),
+                f"None or a number in [0, 1) (not 0 only with optimizer_name 'sgd'; the "
+                f"workload's is {w.optimizer_name!r})")
         require(self, "eval_every", is_int(self.eval_every) and self.eval_every >= 1,
                 "an int >= 1")
         steps = w.num_steps
@@ -132,13 +141,13 @@ def train(config: SyncSGDConfig, group=None) -> dict:
     if p != config.world_size:
         raise ValueError(f"config.world_size={config.world_size} but the group has {p} ranks")
     me = dist.get_rank()   # the rank that reports, in the world's numbering
-    workload = config.workload.loaded()
+    workload = run_workload(config).loaded()
     dev = device()   # this rank's GPU under NCCL (torchrun on a GPU node), else the CPU
     ds = _on(workload.dataset, dev)
     comm.ledger().reset()
     model = dp.wrap(workload.build_model().to(dev), config.variant, group=group,
                     bucket_size_mb=config.bucket_size_mb)
-    opt = _optimizer(config, model.parameters())
+    opt = workload.optimizer(model.parameters())
     compute_time, losses, timeline = 0.0, [], []
     t_start = time.time()
     for step in range(workload.num_steps):
@@ -186,9 +195,9 @@ def reference(config: SyncSGDConfig) -> dict:
         ``{"params"}`` the final parameters as one vector, ``"losses"`` the global batch's
         loss at each step, and ``"final"`` the held-out values after the last step.
     """
-    workload = config.workload.loaded()
+    workload = run_workload(config).loaded()
     ds, model = workload.dataset, workload.build_model()
-    opt = _optimizer(config, model.parameters())
+    opt = workload.optimizer(model.parameters())
     losses = []
     for step in range(workload.num_steps):
         _set_lr(opt, config, step)
@@ -219,6 +228,14 @@ def start(config: SyncSGDConfig, **launch) -> Run:
 def run(config: SyncSGDConfig, **launch) -> list[dict]:
     """:func:`start` and wait: the per-rank results of :func:`train`, in rank order."""
     return start(config, **launch).result()
+
+
+def run_workload(config: SyncSGDConfig) -> Workload:
+    """The workload this run trains and steps the optimizer of: ``config.workload``, with
+    ``config.momentum`` as its momentum when that is given (not None)."""
+    if config.momentum is None:
+        return config.workload
+    return replace(config.workload, momentum=config.momentum)
 
 
 def lr_at(config: SyncSGDConfig, step: int) -> float:
@@ -279,11 +296,6 @@ def _on(ds: data.Dataset, dev: torch.device) -> data.Dataset:
         return ds
     return data.Dataset(ds.X.to(dev), ds.y.to(dev), ds.X_val.to(dev), ds.y_val.to(dev),
                         ds.num_classes)
-
-
-def _optimizer(config: SyncSGDConfig, params) -> torch.optim.SGD:
-    """SGD with momentum (Sutskever et al. 2013); :func:`_set_lr` sets each step's rate."""
-    return torch.optim.SGD(params, lr=config.workload.lr, momentum=config.momentum)
 
 
 def _set_lr(opt: torch.optim.Optimizer, config: SyncSGDConfig, step: int) -> float:

@@ -59,7 +59,9 @@ def test_a_label_skewed_split_the_digits_cannot_give_is_refused():
 @pytest.mark.parametrize("field, value", [
     ("world_size", 0), ("num_clients", 0), ("client_fraction", 0.0),
     ("client_fraction", True), ("local_steps", 2.0),
-    ("classes_per_client", 0), ("latency", 11), ("shards", "dirichlet"), ("workload", "mlp")])
+    ("classes_per_client", 0), ("latency", 11), ("shards", "dirichlet"), ("workload", "mlp"),
+    ("dirichlet_alpha", 0.0), ("dirichlet_alpha", "0.1"), ("dropout_prob", 1.0),
+    ("slow_clients", -1), ("slow_delay", 2.0), ("scaffold", 1)])
 def test_bad_config_names_the_field_before_any_process(field, value):
     with pytest.raises(ValueError, match=f"FedAvgConfig.{field}="):
         fedavg.FedAvgConfig(**{field: value})

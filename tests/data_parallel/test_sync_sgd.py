@@ -145,3 +145,21 @@ def test_run_waits_for_every_rank_and_steps_with_torch_sgd():
     torch.testing.assert_close(torch.nn.utils.parameters_to_vector(model.parameters()),
                                ref["params"])
 
+
+
+def test_sync_sgd_steps_the_workloads_optimizer_on_real_ranks():
+    adam = SyncSGDConfig(workload=replace(LINEAR, num_steps=5, optimizer_name="adam", lr=0.05))
+    got = sync_sgd.run(adam, timeout=60)
+    want = reference(adam)
+    for result in got:
+        torch.testing.assert_close(result["params"], want["params"])
+    sgd = reference(replace(adam, workload=replace(adam.workload, optimizer_name="sgd")))
+    assert not torch.allclose(want["params"], sgd["params"]), "Adam steps, not SGD"
+
+
+def test_a_given_momentum_is_the_workloads_sgd_momentum_and_adam_refuses_one():
+    given = reference(SyncSGDConfig(workload=replace(LINEAR, num_steps=5), momentum=0.9))
+    own = reference(SyncSGDConfig(workload=replace(LINEAR, num_steps=5, momentum=0.9)))
+    torch.testing.assert_close(given["params"], own["params"])
+    with pytest.raises(ValueError, match=r"SyncSGDConfig\.momentum=0\.9 .*'adam'"):
+        SyncSGDConfig(workload=replace(LINEAR, optimizer_name="adam"), momentum=0.9)
