@@ -19,17 +19,34 @@ Bytes are counted as follows:
 
 The ledger belongs to the process: one process is one rank. Time for an asynchronous
 operation is counted from its launch to its ``wait()``.
+
+**An injected network on every message.** Inside ``with inject_network(network):`` (or on
+every rank of a launch, ``distlab.launch(fn, p, network=network)``) every call below
+also sleeps its alpha-beta time on that :class:`~distlab.communication.netsim.Network`,
+with the bytes it books: a send ``alpha + n·beta`` before its message leaves (so the
+receiver waits for it too; a receive pays nothing more), a built-in collective the cost of
+its algorithm in :mod:`distlab.communication.alpha_beta` (``all_reduce``
+:func:`~distlab.communication.alpha_beta.ring_all_reduce`, ``broadcast``
+:func:`~distlab.communication.alpha_beta.broadcast`, the all-gathers and reduce-scatter
+their ring forms, ``barrier`` :func:`~distlab.communication.alpha_beta.barrier`). An
+asynchronous collective pays on ``wait()`` what is left of its delay, so computation
+overlapped with it hides it as on a real network. Results are unchanged (the real message
+is sent as usual) and so are the bytes; the time counted includes the injected sleep. The
+explicit ``Network.inject``/``Network.sleep`` calls of the from-scratch collectives sleep
+nothing meanwhile: each message pays once, here. Off by default.
 """
 from __future__ import annotations
 
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from distlab.communication import alpha_beta
+from distlab.communication import alpha_beta, netsim
+from distlab.communication.netsim import Network
 
 _clock = time.perf_counter
 
@@ -83,14 +100,49 @@ def nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+@contextmanager
+def inject_network(network: Network | None):
+    """Within the block, every message this rank sends through distlab.comm pays ``network``.
+
+    Each rank turns it on for itself (a process is a rank); every rank of a collective must
+    inject the same network. None (or a Network that injects nothing) turns it off::
+
+        with comm.inject_network(Network(latency=1e-4, bandwidth=12.5e6)):   # 100 Mbit/s
+            comm.all_reduce(x)      # sleeps 2(p-1)·alpha + 2(p-1)/p·n·beta, then reduces
+    """
+    previous = netsim.set_everywhere(network)
+    try:
+        yield netsim.everywhere()
+    finally:
+        netsim.set_everywhere(previous)
+
+
+def _collective_delay(cost_of, nbytes_: int, p: int) -> float:
+    """Injected seconds of a collective of alpha-beta cost ``cost_of(n, p)``; 0 when off."""
+    net = netsim.everywhere()
+    return 0.0 if net is None else net.cost_delay(cost_of(nbytes_, p), p)
+
+
+def _pay_send(nbytes_: int, dst: int) -> None:
+    """Sleep a point-to-point message's injected ``alpha + n·beta`` before it leaves."""
+    net = netsim.everywhere()
+    if net is not None:
+        time.sleep(net.delay(nbytes_, dist.get_rank(), dst))
+
+
 class _TimedWork:
     """Wraps an async ``Work`` so the ledger counts the time until ``wait()`` returns."""
 
-    def __init__(self, work, op, sent, recv, t0):
+    def __init__(self, work, op, sent, recv, t0, delay=0.0):
         self._work, self._op, self._sent, self._recv, self._t0 = work, op, sent, recv, t0
+        self._delay = delay      # injected seconds still owed at wait()
         self._counted = False
 
     def wait(self, timeout=None):
+        if self._delay:          # what overlapped computation did not hide
+            rest, self._delay = self._t0 + self._delay - _clock(), 0.0
+            if rest > 0:
+                time.sleep(rest)
         out = self._work.wait() if timeout is None else self._work.wait(timeout)
         if not self._counted:
             self._counted = True
@@ -104,11 +156,13 @@ class _TimedWork:
         return getattr(self._work, name)
 
 
-def _run(op, call, sent, recv, async_op):
+def _run(op, call, sent, recv, async_op, delay=0.0):
     t0 = _clock()
+    if delay and not async_op:
+        time.sleep(delay)
     work = call()
     if async_op:
-        return _TimedWork(work, op, sent, recv, t0)
+        return _TimedWork(work, op, sent, recv, t0, delay)
     _ledger.add(op, sent, recv, _clock() - t0)
     return work
 
@@ -128,6 +182,7 @@ def _p(group) -> int:
 def send(tensor, dst, group=None, tag=0):
     """``dist.send``, counted."""
     t0 = _clock()
+    _pay_send(nbytes(tensor), dst)
     dist.send(tensor, dst, group=group, tag=tag)
     _ledger.add("send", nbytes(tensor), 0, _clock() - t0)
 
@@ -141,8 +196,12 @@ def recv(tensor, src=None, group=None, tag=0):
 
 
 def isend(tensor, dst, group=None, tag=0):
-    """``dist.isend``, counted when its ``wait()`` returns."""
+    """``dist.isend``, counted when its ``wait()`` returns.
+
+    Under an injected network it sleeps before the message leaves (one port per rank:
+    a rank's sends go one after another), so its receiver waits for it too."""
     t0 = _clock()
+    _pay_send(nbytes(tensor), dst)
     return _TimedWork(dist.isend(tensor, dst, group=group, tag=tag), "send", nbytes(tensor),
                       0, t0)
 
@@ -158,18 +217,22 @@ def irecv(tensor, src=None, group=None, tag=0):
 
 def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
     """``dist.all_reduce``, counted as a ring all-reduce: 2(p-1)/p·n each way."""
-    vol = alpha_beta.ring_all_reduce_bytes(nbytes(tensor), _p(group))
+    n, p = nbytes(tensor), _p(group)
+    vol = alpha_beta.ring_all_reduce_bytes(n, p)
     return _run("all_reduce", lambda: dist.all_reduce(tensor, op=op, group=group,
-                                                      async_op=async_op), vol, vol, async_op)
+                                                      async_op=async_op), vol, vol, async_op,
+                _collective_delay(alpha_beta.ring_all_reduce, n, p))
 
 
 def broadcast(tensor, src, group=None, async_op=False):
     """``dist.broadcast``, counted as n bytes leaving ``src`` and arriving everywhere else."""
-    n = alpha_beta.broadcast_bytes(nbytes(tensor), _p(group))
+    p = _p(group)
+    n = alpha_beta.broadcast_bytes(nbytes(tensor), p)
     is_src = dist.get_rank() == src
     return _run("broadcast", lambda: dist.broadcast(tensor, src, group=group,
                                                     async_op=async_op),
-                n if is_src else 0, 0 if is_src else n, async_op)
+                n if is_src else 0, 0 if is_src else n, async_op,
+                _collective_delay(alpha_beta.broadcast, nbytes(tensor), p))
 
 
 def all_gather_into_tensor(output, input, group=None, async_op=False):
@@ -179,12 +242,14 @@ def all_gather_into_tensor(output, input, group=None, async_op=False):
     (the same bytes): gloo's own all-gather took 1.5-1.7x as long at 2 and 4 ranks for rows
     of 1 MiB, and it is every ZeRO and FSDP step's all-gather.
     """
-    vol = alpha_beta.ring_all_gather_bytes(nbytes(output), _p(group))
+    p = _p(group)
+    vol = alpha_beta.ring_all_gather_bytes(nbytes(output), p)
+    delay = _collective_delay(alpha_beta.ring_all_gather, nbytes(output), p)
     if dist.get_backend(group) == "gloo" and output.is_contiguous():
         return _run("all_gather", lambda: _broadcast_slices(output, input, group, async_op),
-                    vol, vol, async_op)
+                    vol, vol, async_op, delay)
     return _run("all_gather", lambda: _all_gather_single(
-        output, input, group=group, async_op=async_op), vol, vol, async_op)
+        output, input, group=group, async_op=async_op), vol, vol, async_op, delay)
 
 
 def all_gather(tensor_list, tensor, group=None, async_op=False):
@@ -192,14 +257,16 @@ def all_gather(tensor_list, tensor, group=None, async_op=False):
     p = _p(group)
     vol = alpha_beta.ring_all_gather_bytes(p * nbytes(tensor), p)
     return _run("all_gather", lambda: dist.all_gather(tensor_list, tensor, group=group,
-                                                      async_op=async_op), vol, vol, async_op)
+                                                      async_op=async_op), vol, vol, async_op,
+                _collective_delay(alpha_beta.ring_all_gather, p * nbytes(tensor), p))
 
 
 def reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
     """``dist.reduce_scatter_tensor``, counted as a ring reduce-scatter: (p-1)/p·n each way.
 
     Gloo has no native reduce-scatter; there it is an all-reduce followed by taking this
-    rank's slice (correct, at twice the traffic), which is what the ledger then counts.
+    rank's slice (correct, at twice the traffic), which is what the ledger then counts (and
+    an injected network charges).
     """
     p = _p(group)
     if dist.get_backend(group) == "gloo":
@@ -210,7 +277,8 @@ def reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=None, async
         return None
     vol = alpha_beta.ring_reduce_scatter_bytes(nbytes(input), p)
     return _run("reduce_scatter", lambda: _reduce_scatter_single(
-        output, input, op=op, group=group, async_op=async_op), vol, vol, async_op)
+        output, input, op=op, group=group, async_op=async_op), vol, vol, async_op,
+                _collective_delay(alpha_beta.ring_reduce_scatter, nbytes(input), p))
 
 
 def _broadcast_slices(output, input, group, async_op):
@@ -249,4 +317,6 @@ class _AllOf:
 
 def barrier(group=None):
     """``dist.barrier``, counted as a call with no payload."""
-    return _run("barrier", lambda: dist.barrier(group=group), 0, 0, False)
+    p = _p(group)
+    return _run("barrier", lambda: dist.barrier(group=group), 0, 0, False,
+                _collective_delay(lambda _, q: alpha_beta.barrier(q), 0, p))

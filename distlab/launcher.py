@@ -45,14 +45,14 @@ def launch(fn: Callable, world_size: int, *args, backend: str | None = None,
            timeout: float | None = 120.0, num_threads: int = 1,
            on_output: Callable[[int, str, str], None] | None = None,
            on_metrics: Callable[[list[dict]], None] | None = None,
-           expendable_ranks: tuple = (), **kwargs) -> list:
+           expendable_ranks: tuple = (), network=None, **kwargs) -> list:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` real processes; return their results.
 
     Each process has the default torch.distributed process group initialized (gloo on CPU,
     NCCL when there is one GPU per rank). The return values come back in rank order.
     Arguments are as for :func:`start`; ``backend``, ``timeout``, ``num_threads``,
-    ``on_output``, ``on_metrics`` and ``expendable_ranks`` are the launcher's own and are not
-    passed to ``fn``.
+    ``on_output``, ``on_metrics``, ``expendable_ranks`` and ``network`` are the launcher's own
+    and are not passed to ``fn``.
 
     Raises:
         WorkerError: a worker raised (its traceback is included), exited without a result,
@@ -71,14 +71,14 @@ def launch(fn: Callable, world_size: int, *args, backend: str | None = None,
     """
     return start(fn, world_size, *args, backend=backend, timeout=timeout,
                  num_threads=num_threads, on_output=on_output, on_metrics=on_metrics,
-                 expendable_ranks=expendable_ranks, **kwargs).result()
+                 expendable_ranks=expendable_ranks, network=network, **kwargs).result()
 
 
 def start(fn: Callable, world_size: int, *args, backend: str | None = None,
           timeout: float | None = 120.0, num_threads: int = 1,
           on_output: Callable[[int, str, str], None] | None = None,
           on_metrics: Callable[[list[dict]], None] | None = None,
-          expendable_ranks: tuple = (), **kwargs) -> Run:
+          expendable_ranks: tuple = (), network=None, **kwargs) -> Run:
     """Start ``fn(*args, **kwargs)`` on ``world_size`` processes and return a :class:`Run` at once.
 
     The non-blocking form of :func:`launch`, for widgets: the caller keeps control, can
@@ -98,8 +98,14 @@ def start(fn: Callable, world_size: int, *args, backend: str | None = None,
             new metric records, for live plots.
         expendable_ranks: ranks whose death does not end the run (a parameter server's
             workers, say): their result is None and :attr:`Run.lost` says why they died.
+        network: a :class:`distlab.communication.netsim.Network` every message of
+            :mod:`distlab.comm` pays on every rank (:func:`distlab.comm.inject_network`), or
+            None for the machine's own speed.
     """
     _validate(fn, world_size, timeout, num_threads, expendable_ranks)
+    if network is not None:
+        from distlab.communication.netsim import on_network   # no torch: a light import
+        fn = on_network(fn, network)
     return Run(fn, world_size, args, kwargs, backend=resolve_backend(backend, world_size),
                timeout=timeout,
                num_threads=num_threads, on_output=on_output, on_metrics=on_metrics,

@@ -1,10 +1,14 @@
 """distlab.comm: the accounted wrappers give torch.distributed's results and count bytes."""
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
 
 import distlab
 from distlab import comm
+from distlab.communication import alpha_beta, netsim
+from distlab.communication.netsim import Network
 
 
 def exercise_every_wrapper():
@@ -96,3 +100,106 @@ def test_all_gather_into_tensor_on_gloo_equals_torch_distributed():
         if rank > 0:
             torch.testing.assert_close(pair, torch.tensor([1., 1., 2., 2.]))
         assert calls == 4 + (rank > 0)             # one all-gather booked per call
+
+
+# -- the injected network on every message ------------------------------------------------
+
+N = 25_000                                   # float32: 100 kB
+SLOW = Network(latency=1e-3, bandwidth=312_500.0)   # 2.5 Mbit/s: about 0.3 s for 100 kB
+OVERLAP = 0.2                                # seconds of "computation" beside an async op
+
+
+def messages_on_a_slow_network():
+    rank = dist.get_rank()
+    knob_off_at_start = netsim.everywhere() is None
+    x = torch.arange(N, dtype=torch.float32) * (rank + 1)
+    expected = x.clone()
+    dist.all_reduce(expected)                # torch's own, neither counted nor injected
+    t0 = time.perf_counter()
+    comm.all_reduce(off := x.clone())        # the knob is off: the machine's own speed
+    seconds = {"off": time.perf_counter() - t0}
+    comm.ledger().reset()
+    with comm.inject_network(SLOW):
+        dist.barrier()
+        t0 = time.perf_counter()
+        comm.all_reduce(x)
+        seconds["all_reduce"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        work = comm.all_reduce(y := torch.ones(N), async_op=True)
+        time.sleep(OVERLAP)                  # computation overlapped with the all-reduce
+        slept, real_sleep = [], time.sleep
+        time.sleep = lambda s: (slept.append(s), real_sleep(s))[1]   # what wait() sleeps
+        work.wait()
+        time.sleep = real_sleep
+        seconds["async"], seconds["async_wait_slept"] = time.perf_counter() - t0, sum(slept)
+        dist.barrier()
+        t0 = time.perf_counter()
+        if rank == 0:
+            comm.send(torch.ones(N), 1)
+        else:
+            comm.recv(torch.empty(N), 0)
+        seconds["p2p"] = time.perf_counter() - t0
+    return (knob_off_at_start, netsim.everywhere() is None, x, expected, off, y, seconds,
+            comm.ledger().by_op())
+
+
+@pytest.fixture(scope="module")
+def injected():
+    """One launch of 2 ranks: an all-reduce, an async one and a message on SLOW."""
+    return distlab.launch(messages_on_a_slow_network, 2)
+
+
+def test_injected_network_makes_a_built_in_all_reduce_take_its_ring_time(injected):
+    ring = SLOW.all_reduce_delay(4 * N, 2)
+    for *_, seconds, _ in injected:
+        assert seconds["all_reduce"] >= ring, (seconds, ring)
+
+
+def test_injected_network_leaves_results_exact(injected):
+    for _, _, x, expected, off, y, _, _ in injected:
+        assert torch.equal(x, expected) and torch.equal(off, expected)
+        assert torch.equal(y, torch.full((N,), 2.0))
+
+
+def test_injected_network_leaves_the_bytes_counted_unchanged(injected):
+    ring = alpha_beta.ring_all_reduce_bytes(4 * N, 2)
+    for rank, (*_, ops) in enumerate(injected):
+        assert ops["all_reduce"]["calls"] == 2
+        assert ops["all_reduce"]["bytes_sent"] == ops["all_reduce"]["bytes_recv"] == 2 * ring
+        assert ops["send" if rank == 0 else "recv"]["calls"] == 1
+        assert ops.get("send", {}).get("bytes_sent", 0) == (4 * N if rank == 0 else 0)
+
+
+def test_injected_async_all_reduce_pays_at_wait_only_what_computation_did_not_hide(injected):
+    ring = SLOW.all_reduce_delay(4 * N, 2)
+    for *_, seconds, _ in injected:
+        assert seconds["async"] >= ring, (seconds, ring)
+        assert 0 < seconds["async_wait_slept"] <= ring - OVERLAP, (seconds, ring)
+
+
+def test_injected_send_takes_alpha_plus_n_beta_at_both_ends(injected):
+    one = SLOW.delay(4 * N, 0, 1)
+    for *_, seconds, _ in injected:
+        # the receiver waits for it too (less the ranks' skew leaving the barrier)
+        assert seconds["p2p"] >= 0.8 * one, (seconds, one)
+
+
+def test_network_is_off_by_default_and_after_the_block(injected):
+    ring = SLOW.all_reduce_delay(4 * N, 2)
+    for off_at_start, off_after, *_, seconds, _ in injected:
+        assert off_at_start and off_after
+        assert seconds["off"] < ring / 3, (seconds, ring)
+
+
+def test_launch_with_a_network_turns_it_on_in_every_rank():
+    def knob():
+        return netsim.everywhere()
+    assert distlab.launch(knob, 2, network=SLOW) == [SLOW, SLOW]
+
+
+def test_inject_network_refuses_what_is_not_a_network():
+    with pytest.raises(ValueError, match="network"):
+        with comm.inject_network(1e9):
+            pass
+    with pytest.raises(ValueError, match="network"):
+        distlab.launch(print, 2, network="1 Gbit/s")

@@ -18,6 +18,12 @@ Use it in any lab (it knows nothing about collectives):
     net = Network(latency=100e-6, bandwidth=1.25e9, slow_rank=3, slow_factor=4)
     net.inject(nbytes, src=rank, dst=peer)          # before a point-to-point send
     net.sleep(net.all_reduce_delay(nbytes, world_size))   # around a built-in all-reduce
+
+or on every message at once: inside ``with distlab.comm.inject_network(net):`` every call
+of :mod:`distlab.comm` (the built-in collectives too) pays its alpha-beta time on this
+network (:func:`everywhere`). Then the explicit calls above sleep nothing, because the
+message they precede already pays in :mod:`distlab.comm`; only :meth:`Network.inject_incoming`
+still sleeps (the ledger charges senders, never a receiver's one incoming link).
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from distlab.checks import is_int, is_number, require
+from distlab.checks import is_int, is_number, require, require_arg
 from distlab.communication import alpha_beta
 
 
@@ -77,7 +83,9 @@ class Network:
         return seconds
 
     def inject(self, nbytes: int, src: int, dst: int) -> float:
-        """Sleep for the delay of one message (call it before sending); return the seconds."""
+        """Sleep for the delay of one message (call it before sending); return the seconds.
+
+        Nothing while a network is injected :func:`everywhere`: the send pays there."""
         return self.sleep(self.delay(nbytes, src, dst))
 
     def inject_incoming(self, nbytes: list[int], srcs: list[int], dst: int) -> float:
@@ -87,8 +95,9 @@ class Network:
         takes the messages one after another, so the receiver pays the rest: the sum of the
         delays minus the longest. Returns the seconds slept.
         """
-        delays = [self.delay(n, s, dst) for n, s in zip(nbytes, srcs)]
-        return self.sleep(sum(delays) - max(delays, default=0.0))
+        net = _everywhere or self   # one network for every message while one is on
+        delays = [net.delay(n, s, dst) for n, s in zip(nbytes, srcs)]
+        return _sleep(sum(delays) - max(delays, default=0.0))
 
     def all_reduce_delay(self, nbytes: int, world_size: int, algorithm: str = "ring") -> float:
         """Injected seconds for one all-reduce of ``nbytes`` on ``world_size`` ranks.
@@ -102,7 +111,11 @@ class Network:
         if algorithm not in alpha_beta.COSTS:
             raise ValueError(f"Network.all_reduce_delay: algorithm={algorithm!r} is unknown; "
                              f"allowed {list(alpha_beta.COSTS)}")
-        cost = alpha_beta.COSTS[algorithm](nbytes, world_size)
+        return self.cost_delay(alpha_beta.COSTS[algorithm](nbytes, world_size), world_size)
+
+    def cost_delay(self, cost: alpha_beta.Cost, world_size: int) -> float:
+        """Injected seconds for a collective of alpha-beta ``cost`` on ``world_size`` ranks:
+        ``cost.time(alpha, beta)``, times ``slow_factor`` when the slow rank takes part."""
         seconds = cost.time(self.alpha, self.beta)
         if self.slow_rank is not None and self.slow_rank < world_size:
             seconds *= self.slow_factor
@@ -115,10 +128,11 @@ class Network:
 
     @staticmethod
     def sleep(seconds: float) -> float:
-        """Sleep ``seconds`` (nothing for zero or less); return them."""
-        if seconds > 0:
-            time.sleep(seconds)
-        return max(seconds, 0.0)
+        """Sleep ``seconds`` (nothing for zero or less); return them.
+
+        For the explicit calls around a message: while a network is injected
+        :func:`everywhere` it sleeps nothing and returns 0, since the message pays there."""
+        return 0.0 if _everywhere is not None else _sleep(seconds)
 
     def describe(self) -> str:
         """One line for plot titles, labelled "injected"."""
@@ -127,3 +141,59 @@ class Network:
         if self.slow_rank is not None and self.slow_factor != 1:
             text += f", rank {self.slow_rank}'s link {self.slow_factor:g}× slower"
         return text
+
+
+# -- one network for every message -------------------------------------------------------
+
+_everywhere: Network | None = None   # this process's; one process is one rank
+
+
+def everywhere() -> Network | None:
+    """The network every message of :mod:`distlab.comm` pays in this process, or None.
+
+    Set it with :func:`distlab.comm.inject_network` (a context manager) or, for every rank
+    of a launch, ``distlab.launch(..., network=network)`` (:func:`on_network`).
+    """
+    return _everywhere
+
+
+def set_everywhere(network: Network | None) -> Network | None:
+    """Make every message of this process pay ``network`` (None, or a Network that injects
+    nothing: none); return the previous setting."""
+    global _everywhere
+    require_arg("set_everywhere: network", network,
+                network is None or isinstance(network, Network),
+                "None or a distlab.communication.netsim.Network")
+    previous = _everywhere
+    _everywhere = network if network is not None and network.injects else None
+    return previous
+
+
+def on_network(fn, network: Network | None):
+    """``fn`` wrapped to run with ``network`` injected :func:`everywhere` (picklable: what
+    ``distlab.launch(fn, p, network=network)`` runs on every rank)."""
+    require_arg("on_network: fn", fn, callable(fn), "a callable")
+    require_arg("on_network: network", network,
+                network is None or isinstance(network, Network),
+                "None or a distlab.communication.netsim.Network")
+    return _OnNetwork(fn, network)
+
+
+class _OnNetwork:
+    """A picklable ``fn`` run under a network injected everywhere (see :func:`on_network`)."""
+
+    def __init__(self, fn, network):
+        self.fn, self.network = fn, network
+
+    def __call__(self, *args, **kwargs):
+        previous = set_everywhere(self.network)
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            set_everywhere(previous)
+
+
+def _sleep(seconds: float) -> float:
+    if seconds > 0:
+        time.sleep(seconds)
+    return max(seconds, 0.0)

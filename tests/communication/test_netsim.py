@@ -7,7 +7,9 @@ import torch
 import torch.distributed as dist
 
 import distlab
+from distlab import comm
 from distlab.communication import collectives as C
+from distlab.communication import netsim
 from distlab.communication.netsim import Network
 
 pytestmark = pytest.mark.timeout(120)
@@ -109,3 +111,45 @@ def test_injected_network_slows_the_clock_not_the_result():
             assert seconds >= 0.9 * least, (name, rank, seconds, least)
         assert out["naive"][0] < 2 * (p - 1) * 2 * lat + 0.5
     assert math.isinf(net.bandwidth)
+
+
+def test_explicit_injection_sleeps_nothing_while_the_network_is_on_everywhere():
+    net = Network(latency=0.5)
+    with comm.inject_network(net):
+        t0 = time.perf_counter()
+        assert net.inject(1000, src=0, dst=1) == 0.0
+        assert net.sleep(net.all_reduce_delay(1000, 2)) == 0.0
+        assert time.perf_counter() - t0 < 0.25
+    assert net.sleep(1e-3) == 1e-3                       # and sleeps again after the block
+
+
+def test_a_network_that_injects_nothing_turns_the_knob_off():
+    with comm.inject_network(Network()):
+        assert netsim.everywhere() is None
+
+
+def explicit_injectors_on_the_knob(net):
+    slept = []
+    real_sleep = time.sleep
+    time.sleep = lambda seconds: (slept.append(seconds), real_sleep(seconds))[1]   # count
+    out = {}
+    x = torch.full((64,), float(dist.get_rank() + 1))
+    C.ALL_REDUCES["ring"](x.clone(), check=False)      # warm up the connections
+    with comm.inject_network(net):
+        C.ALL_REDUCES["ring"](x, check=False, network=net)   # from scratch, injects itself
+        out["ring"] = (sum(slept), x)
+        slept.clear()
+        net.sleep(net.all_reduce_delay(256, 2))        # as dpsgd does around a built-in
+        comm.all_reduce(y := torch.ones(64))
+        out["built_in"] = (sum(slept), y)
+    time.sleep = real_sleep
+    return out
+
+
+def test_explicit_injectors_do_not_pay_twice_while_the_network_is_on_everywhere():
+    net = Network(latency=0.01)
+    once = net.all_reduce_delay(256, 2)                # 2(p-1) messages of alpha: 0.02 s
+    for out in distlab.launch(explicit_injectors_on_the_knob, 2, net):
+        for name, (seconds, x) in out.items():
+            torch.testing.assert_close(x, torch.full((64,), 3.0 if name == "ring" else 2.0))
+            assert seconds == pytest.approx(once), (name, seconds, once)   # slept once
