@@ -116,6 +116,7 @@ class _DDP(nn.Module):
         self._sync_enabled = True    # False inside no_sync()
         self._grad_sync = True       # whether the latest forward's backward must be averaged
         self.events: list[dict] | None = None   # set to [] to record communication intervals
+        self._recording: list = []   # the callbacks that append async events, still to run
 
     def forward(self, *args, **kwargs):
         if torch.is_grad_enabled():   # like DDP, the forward decides whether backward syncs
@@ -149,8 +150,8 @@ class _DDP(nn.Module):
         if self.events is not None:
             events, nbytes = self.events, comm.nbytes(tensor)
             if async_op:   # the future completes on gloo's thread: the true end of the transfer
-                work.get_future().then(lambda _: events.append(
-                    {"kind": "all_reduce", "start": start, "end": time.time(), "bytes": nbytes}))
+                self._recording.append(work.get_future().then(lambda _: events.append(
+                    {"kind": "all_reduce", "start": start, "end": time.time(), "bytes": nbytes})))
             else:
                 events.append({"kind": "all_reduce", "start": start, "end": time.time(),
                                "bytes": nbytes})
@@ -238,6 +239,9 @@ class _Overlapped(_DDP):
         for b, work in enumerate(self._works):
             work.wait()
             self._unpack(b)
+        # A work's callback may run on gloo's thread after wait() returns: wait for the events.
+        torch.futures.wait_all(self._recording)
+        self._recording.clear()
         self._reset()
 
     def _launch(self, b: int):

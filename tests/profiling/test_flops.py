@@ -1,6 +1,5 @@
 """FLOPs of a training step: 6·N·D, the count from the layer shapes, and torch's own counter."""
 import pytest
-import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
