@@ -152,8 +152,11 @@ def rank_plans(model: ModelSpec, cluster: Cluster, heterogeneous: bool = False) 
     Example: ``rank_plans(ModelSpec(24, 2048, 16, 2048, 50257, 512),
     Cluster((16, Device(80e9, 300e12)))).fit[0].plan``.
     """
+    # By speed, a slow replica's share can be smaller than a plan's microbatch count: skip.
     predictions = [predict(p, model, cluster, heterogeneous)
-                   for p in enumerate_plans(model, cluster)]
+                   for p in enumerate_plans(model, cluster)
+                   if not heterogeneous
+                   or p.microbatches <= min(_batch_shares(p, model, cluster, True))]
     fit = sorted((p for p in predictions if p.fits), key=lambda p: (p.seconds, p.memory_bytes))
     dropped = sorted((p for p in predictions if not p.fits), key=lambda p: p.memory_bytes)
     return Ranking(fit, dropped)

@@ -80,6 +80,14 @@ def test_heterogeneous_mode_gives_fast_replicas_more_and_takes_the_slowest_repli
     assert by_speed.seconds < equal.seconds
 
 
+def test_ranking_by_speed_skips_plans_with_more_microbatches_than_a_slow_replicas_share():
+    mixed = Cluster([Device(80e9, 3e14)] * 2 + [Device(80e9, 1e14)] * 2)
+    ranking = rank_plans(MODEL, mixed, heterogeneous=True)     # shares (6, 6, 2, 2) at dp=4
+    plans = [p.plan for p in ranking.fit + ranking.dropped]
+    assert plans and all(not (p.dp == 4 and p.microbatches > 2) for p in plans)
+    assert any(p.dp == 4 and p.microbatches == 2 for p in plans)
+
+
 def test_predict_refuses_a_plan_for_another_number_of_devices():
     with pytest.raises(ValueError, match="plan"):
         predict(Plan(dp=2), MODEL, cluster(8))
