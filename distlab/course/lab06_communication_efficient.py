@@ -22,7 +22,6 @@ from distlab.communication_efficient import fedavg, local_sgd
 from distlab.communication_efficient.compression import (Compressor, all_reduce_compressed,
                                                          bytes_sent_per_call)
 from distlab.communication_efficient.local_training import with_data
-from distlab.ui.figures import axis_title as _axis_title
 
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
@@ -195,4 +194,6 @@ def _bytes_of_one_call(compressors: dict, numel: int) -> dict:
 
 
 def _title(name: str) -> str:
-    return _NAMES.get(name, _axis_title(name))
+    # Imported here: the workers run this module's _run_all, and distlab.ui costs seconds.
+    from distlab.ui.figures import axis_title
+    return _NAMES.get(name, axis_title(name))
