@@ -187,6 +187,9 @@ def _moves(widget) -> list:
         return lambda: setattr(widget, attr, value)
     if hasattr(widget, "options"):           # Dropdown, SelectionSlider, ToggleButtons...
         i, n = widget.index, len(widget.options)
+        if i is None:   # ipywidgets gives no index for an option whose value is None
+            values = [o[1] if isinstance(o, tuple) else o for o in widget.options]
+            i = values.index(widget.value) if widget.value in values else 0
         return [put("index", j) for j in sorted(set(range(n)) - {i}, key=lambda j: (abs(j - i), j))]
     if isinstance(widget.value, bool):       # Checkbox, ToggleButton
         return [put("value", not widget.value)]

@@ -97,3 +97,13 @@ def test_a_stop_that_does_not_stop_fails_the_play():
                        error=RuntimeError("rank 1 failed: injected fault"), ignores_stop=True)
     with pytest.raises(panel_play.PanelPlayError, match="the run was not stopped"):
         panel_play.play(panel, timeout=10)
+
+
+def test_a_dropdown_whose_value_is_none_moves_to_its_other_options():
+    menu = W.Dropdown(options=[("none", None), ("one", 1), ("two", 2)], value=None)
+    assert menu.index is None          # ipywidgets' own answer for a None value
+    values = []
+    for move in panel_play._moves(menu):
+        move()
+        values.append(menu.value)
+    assert values == [1, 2]
