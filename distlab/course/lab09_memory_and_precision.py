@@ -80,11 +80,6 @@ class StepConfig:
                 % (self.world_size * self.accumulation_steps) == 0,
                 f"an int >= 1 such that world_size * k divides workload.batch_size="
                 f"{self.workload.batch_size}")
-        # distlab's FSDP and torch's checkpoint disagree: the recomputed forward gathers
-        # units again, and the ranks then gather in different orders (a deadlock, or FSDP's
-        # "the ranks gathered different units"). Refused until FSDP supports it.
-        require(self, "recompute", self.stage != 3 or self.recompute == "none",
-                "'none' with stage 3 (FSDP does not yet support activation checkpointing)")
 
 
 def train(config: StepConfig, group=None) -> dict:

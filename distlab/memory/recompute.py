@@ -121,3 +121,4 @@ def _recompute_forward(module: torch.nn.Module) -> None:
     def recomputed(*args, **kwargs):
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
     module.forward = recomputed
+    module.recomputes_forward = True   # FSDP refuses a unit gathered outside this forward

@@ -24,6 +24,12 @@ references it handed out: at the last unpack it lets the gathered tensors go, so
 layer (which has no gradient to reduce-scatter, and so no other signal that backward is done
 with it) is freed as soon as its backward has run, not at the end of backward.
 
+Activation checkpointing (:func:`distlab.memory.recompute.with_recompute`) works with the
+default units: the recomputed forward gathers each layer again through its hook, and the
+layer is released even when torch's checkpoint stops that forward by raising, as soon as
+backward has what it needs (else a later activation, allocated where the freed parameter
+was, would pass for it on one rank only: an all-gather the other ranks never issue).
+
 Every rank must gather the same units in the same order, since gloo pairs collectives by
 the order they are issued. A forward whose path depends on the rank's data (a branch,
 routing to experts) breaks that when the branches are separate units; each all-gather
@@ -42,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distlab.sharding.fsdp_units import ParamRef, Unit
+from distlab.sharding.fsdp_units import ParamRef, Unit, refuse_units_around_recomputation
 from distlab.sharding.layout import ShardLayout, all_gather_rows
 
 
@@ -66,7 +72,9 @@ class FullyShardedDataParallel(nn.Module):
             shards ("master weights"); floating inputs are cast to it, outputs back to fp32.
 
     Refused at construction: a unit whose parameters have different dtypes (one all-gather
-    carries one dtype), an unknown ``compute_dtype``.
+    carries one dtype), an unknown ``compute_dtype``, a unit gathered outside the
+    activation-checkpointed forward that uses it (:func:`distlab.memory.recompute.with_recompute`
+    around a ``unit_types`` module or one of its parts: the recomputation would find it freed).
     """
 
     def __init__(self, module: nn.Module, group=None, *, unit_types=None, compute_dtype=None):
@@ -108,10 +116,15 @@ class FullyShardedDataParallel(nn.Module):
         names = {m: n or "(root)" for n, m in module.named_modules()}
         self.units = {m: Unit(self, idx, k, names[m]) for k, (m, idx) in enumerate(units.items())}
         self._root_unit = self.units[module]
+        refuse_units_around_recomputation(self, parent)
         for m, unit in self.units.items():
             if m is not module:
                 m.register_forward_pre_hook(lambda mod, args, u=unit: u.gather())
-                m.register_forward_hook(lambda mod, args, out, u=unit: u.release())
+                # always_call: also when the forward raises, as activation checkpointing's
+                # recomputation does to stop once backward has all it needs (else a stale
+                # address would make a later activation pass for this unit's parameter).
+                m.register_forward_hook(lambda mod, args, out, u=unit: u.release(),
+                                        always_call=True)
 
     @staticmethod
     def _unit_module(m, parent, unit_types):

@@ -166,6 +166,39 @@ def refuse_rank_dependent_forward(fsdp, tags: torch.Tensor) -> None:
         "whichever branch runs")
 
 
+def refuse_units_around_recomputation(fsdp, parent: dict) -> None:
+    """Raise if a unit is gathered outside a recomputed (checkpointed) forward that uses it.
+
+    A unit is gathered by its module's forward pre-hook, which runs outside that module's
+    checkpointed forward; backward's recomputation calls the forward alone and would find
+    the unit's parameters freed (None). A unit inside the recomputed module is gathered
+    again by its own hook, so the default units (one per layer) work.
+    """
+    for unit_module, unit in fsdp.units.items():
+        for i in unit.trainable + unit.frozen:
+            for m, _ in fsdp._owners[i]:
+                while True:                      # from the owner up to the unit's module
+                    if _recomputes(m):
+                        raise ValueError(
+                            f"FullyShardedDataParallel: unit {unit.name!r} is gathered "
+                            "outside the activation-checkpointed forward of module "
+                            f"{_name(fsdp, m)!r}, whose recomputation in backward would find "
+                            "its parameters freed; keep the default units (unit_types=None), "
+                            "or make the checkpointed module hold whole units")
+                    if m is unit_module:
+                        break
+                    m = parent[m]
+
+
+def _recomputes(module) -> bool:
+    # distlab.memory.recompute.with_recompute marks the modules whose forward it checkpoints.
+    return vars(module).get("recomputes_forward") is True
+
+
+def _name(fsdp, module) -> str:
+    return next((n or "(root)" for n, m in fsdp.module.named_modules() if m is module), "?")
+
+
 def _tag(unit: Unit, kind: str) -> int:
     # 1..256: exact in every dtype a row may have, bfloat16 included.
     return 2 * (unit.tag % 128) + (kind == "frozen") + 1
