@@ -7,25 +7,20 @@ says what each method's loss cost in **bytes sent** and in **wall time** on that
 The methods, each in its own module, with their messages per step (n parameters of 4
 bytes, p ranks, alpha-beta model of :mod:`distlab.communication.alpha_beta`):
 
-==================== ============================================== =========================
-method               what it sends                                  bytes per rank per step
-==================== ============================================== =========================
-``ddp``              the gradients' ring all-reduce every step      2(p-1)/p·4n
-                     (:func:`distlab.data_parallel.ddp.average_gradients`: PowerSGD's
-                     loop with compression never started)
-``local_sgd``        the models' all-reduce every H steps           2(p-1)/p·4n / H
-                     (Stich 2019)
-``diloco``           the pseudo-gradients' all-reduce every H steps 2(p-1)/p·4n / H
-                     (Douillard et al. 2023; :mod:`~distlab.communication_efficient.diloco`)
-``streaming_diloco`` one of F fragments every H/F steps, 8-bit      2(p-1)/p·2n / H
-                     levels (as float16), overlapped (Douillard et al. 2025)
-``powersgd``         rank-r factors P and Q of every matrix          2(p-1)/p·4r(rows + cols)
-                     (Vogels et al. 2019)                           + the vectors
-``topk``             1% of the gradient, values and indices,        (p-1)·8k, k = n/100
-                     all-gathered, error feedback (Karimireddy et al. 2019)
-``onebit_adam``      1-bit momenta after a full-precision warm-up   about n/8 after it
-                     (Tang et al. 2021; :mod:`~distlab.communication_efficient.optimizers`)
-==================== ============================================== =========================
+- ``ddp``: the gradients' ring all-reduce every step, 2(p-1)/p·4n
+  (:func:`distlab.data_parallel.ddp.average_gradients`: PowerSGD's loop with compression
+  never started);
+- ``local_sgd``: the models' all-reduce every H steps, 2(p-1)/p·4n / H (Stich 2019);
+- ``diloco``: the pseudo-gradients' all-reduce every H steps, 2(p-1)/p·4n / H (Douillard et
+  al. 2023; :mod:`~distlab.communication_efficient.diloco`);
+- ``streaming_diloco``: one of F fragments every H/F steps, 8-bit levels (as float16),
+  overlapped, 2(p-1)/p·2n / H (Douillard et al. 2025);
+- ``powersgd``: rank-r factors P and Q of every matrix, 2(p-1)/p·4r(rows + cols) plus the
+  vectors (Vogels et al. 2019);
+- ``topk``: 1% of the gradient, values and indices, all-gathered with error feedback,
+  (p-1)·8k with k = n/100 (Karimireddy et al. 2019);
+- ``onebit_adam``: 1-bit momenta after a full-precision warm-up, about n/8 after it (Tang et
+  al. 2021; :mod:`~distlab.communication_efficient.optimizers`).
 
 Each method keeps its own optimizer settings (DiLoCo's AdamW inner steps, SGD elsewhere);
 what is matched is the model, the data, the seed, the inner steps and the network.

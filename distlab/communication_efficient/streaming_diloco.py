@@ -16,7 +16,7 @@ communication", arXiv 2501.18512) changes three things in
    it, as DiLoCo does). τ = 0 is no overlap.
 3. **Quantized pseudo-gradients** (section 2.4; the paper: 4-bit E3M0 floats): here a
    *uniform* quantization to ``bits`` with one scale per fragment and sync, the largest
-   |Δ| over ranks (a max all-reduce of one number), so that the all-reduce sums integer
+   ``|Δ|`` over ranks (a max all-reduce of one number), so that the all-reduce sums integer
    levels: exact in any order, which makes the run equal its one-process replay on any
    number of ranks. ``bits`` 8: levels -127..127 sent as float16 (integers up to 2048 are
    exact in float16: 16 ranks at most), half of float32's bytes; ``bits`` 4: levels -7..7

@@ -55,7 +55,7 @@ class StepConfig:
     stage: int = 1
     """0 (data parallel), 1, 2 or 3 (FSDP)."""
     precision: str = "fp32"
-    """One of :data:`PRECISIONS`."""
+    """One of ``PRECISIONS``."""
     recompute: str = "none"
     """"none", "selective" (each block's attention) or "full" (each block)."""
     accumulation_steps: int = 1
@@ -89,7 +89,7 @@ def train(config: StepConfig, group=None) -> dict:
     also ``step_time_median`` (of the steps before it, after the first), ``comm_time``
     (the median step's time in communication, from the ledger), ``compute_time`` (the
     rest of the step) and, for each part of
-    :data:`distlab.memory.measure.PARTS`, its bytes at the step's peak (``peak_<part>``).
+    ``distlab.memory.measure.PARTS``, its bytes at the step's peak (``peak_<part>``).
     """
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     wl, k = config.workload.loaded(), config.accumulation_steps

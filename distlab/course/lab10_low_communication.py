@@ -130,7 +130,7 @@ class BudgetRun:
     """One method of :func:`distlab.communication_efficient.budget.compare` on one network:
     what the budget panel runs, its fields the panel's controls."""
     method: str = "diloco"
-    """One of :data:`budget.METHODS`."""
+    """One of ``budget.METHODS``."""
     network: str = "100 Mbit/s"
     """A key of :data:`NETWORKS`: the injected bandwidth, or the machine's own."""
     latency: float = 1e-4

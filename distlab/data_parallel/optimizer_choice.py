@@ -90,8 +90,9 @@ def with_optimizer(workload: Workload, name: str, lr: float) -> Workload:
 
 
 def state_bytes(workload: Workload) -> dict:
-    """The optimizer state one rank holds after a step (:func:`~distlab.sharding.memory.
-    measure`), and the parameter count: ``{"num_params", "optimizer_state"}``."""
+    """The optimizer state one rank holds after a step (measured by
+    :func:`~distlab.sharding.memory.measure`), and the parameter count:
+    ``{"num_params", "optimizer_state"}``."""
     model = workload.build_model()
     optimizer = workload.optimizer(model.parameters())
     X, y = next(replace(workload, num_steps=1).batches())

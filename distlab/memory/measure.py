@@ -10,7 +10,7 @@ On CPU there is no allocator statistic, so :class:`PeakTracker` traces allocatio
 ``TorchDispatchMode`` sees every operator's outputs, records each new storage once (by
 its ``untyped_storage()``, whose Python object lives exactly as long as the memory) and
 forgets it in a weakref finalizer when it is freed. The largest sum of live bytes in a phase
-is its peak; at that moment each live storage is put in one category (:data:`PARTS`):
+is its peak; at that moment each live storage is put in one category (``PARTS``):
 
 * ``params``, ``grads``, ``optimizer_state``: the model states, exactly as
   :func:`~distlab.sharding.memory.measure` finds them (this rank's shards under ZeRO);
@@ -65,7 +65,7 @@ def measure_step(model: torch.nn.Module, optimizer, batch, loss_fn) -> dict:
         ``{"forward": parts, "backward": parts, "step": parts, "end": parts, "peak": int,
         "model_state_peak": int, "saved_activations": int, "loss": float}`` in bytes, where
         ``parts`` is ``{"peak": bytes at the phase's peak, part: bytes of it}`` for each of
-        :data:`PARTS`, with the phase's own ``model_state_peak``, ``with_gathered_peak`` and
+        ``PARTS``, with the phase's own ``model_state_peak``, ``with_gathered_peak`` and
         ``communication_peak`` (the most collective buffers alive at once);
         ``end`` the live bytes after the step, ``saved_activations`` the bytes
         made in forward still alive when it ends (what backward will read),

@@ -91,9 +91,9 @@ class Prediction:
     """A plan's predicted memory per rank and step time, in parts."""
     plan: Plan
     memory_per_rank: dict = field(default_factory=dict)
-    """Bytes on the fullest rank, by :data:`MEMORY_PARTS`."""
+    """Bytes on the fullest rank, by ``MEMORY_PARTS``."""
     step_time: dict = field(default_factory=dict)
-    """Seconds of one step on the slowest rank, by :data:`TIME_PARTS`."""
+    """Seconds of one step on the slowest rank, by ``TIME_PARTS``."""
     memory_limit: float = math.inf
     """The smallest device memory, in bytes."""
     batch_shares: tuple = ()
@@ -223,7 +223,7 @@ def _memory(plan: Plan, model: ModelSpec, batch: int) -> dict[str, float]:
 
 def _replica_seconds(plan: Plan, model: ModelSpec, cluster: Cluster, dp_rank: int,
                      batch: int) -> dict[str, float]:
-    """One step of replica ``dp_rank`` with ``batch`` sequences, by :data:`TIME_PARTS`."""
+    """One step of replica ``dp_rank`` with ``batch`` sequences, by ``TIME_PARTS``."""
     m, tp, pp, dp = plan.microbatches, plan.tp, plan.pp, plan.dp
     flops = min(cluster.rank_flops(r) for r in _replica_ranks(plan, dp_rank))
     compute = 6 * model.num_params * batch * model.seq_len / (tp * pp * flops)

@@ -118,7 +118,7 @@ def measure(configs: list[MeshConfig], timeout: float = 300) -> dict:
 def measure_flops(workload: Workload | None = None, num_steps: int = 5) -> float:
     """This process's FLOP/s training ``workload`` (default: the transformer of
     :func:`configurations` at batch 32): ``6·Ψ·tokens`` (Ψ by
-    :attr:`ModelSpec.num_params`) over the median seconds of a step after :data:`WARMUP`."""
+    ``ModelSpec.num_params``) over the median seconds of a step after :data:`WARMUP`."""
     workload = workload or replace(configurations(num_steps)[0].workload, batch_size=32)
     require_arg("workload.num_steps", workload.num_steps, workload.num_steps > WARMUP,
                 f"> WARMUP={WARMUP}")

@@ -61,7 +61,7 @@ class MixedPrecisionConfig:
     world_size: int = 2
     """Number of ranks; it divides ``workload.batch_size``."""
     precision: str = "bf16"
-    """One of :data:`PRECISIONS`: ``"fp32"``, ``"bf16"`` (autocast), ``"fp16"`` (fp16
+    """One of ``PRECISIONS``: ``"fp32"``, ``"bf16"`` (autocast), ``"fp16"`` (fp16
     weights, fp32 master weights, dynamic loss scaling)."""
     init_scale: float = 2.0 ** 16
     """fp16 only: the loss scaler's first scale."""

@@ -82,7 +82,7 @@ def _local_optimizer(optimizer):
 
 
 def model_state_tensors(model: torch.nn.Module, optimizer) -> dict[str, list[torch.Tensor]]:
-    """``{category: [tensor, ...]}`` for the :data:`CATEGORIES`, in the order
+    """``{category: [tensor, ...]}`` for the ``CATEGORIES``, in the order
     :func:`measure` counts them (a storage reached twice counts in the first category)."""
     local = _local_optimizer(optimizer)
     local_params = [p for g in local.param_groups for p in g["params"]]
