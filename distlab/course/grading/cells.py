@@ -121,8 +121,7 @@ def solution_source(path, grade_id_: str) -> str:
     nb = read(path)
     for cell in nb.cells:
         if grade_id(cell) == grade_id_ and is_solution(cell):
-            return "\n".join(line for line in cell.source.split("\n")
-                             if line.strip() not in (BEGIN_SOLUTION, END_SOLUTION))
+            return _solved(cell)
     raise KeyError(f"{path} has no solution cell with grade_id {grade_id_!r}; it has "
                    f"{[grade_id(c) for c in nb.cells if is_solution(c)]}")
 
@@ -142,5 +141,11 @@ def lab_solutions(path) -> dict:
         exec(setup.source, namespace)
     for cell in nb.cells:
         if is_solution(cell):
-            exec(solution_source(path, grade_id(cell)), namespace)
+            exec(_solved(cell), namespace)
     return namespace
+
+
+def _solved(cell) -> str:
+    """A solution cell's source without the solution markers."""
+    return "\n".join(line for line in cell.source.split("\n")
+                     if line.strip() not in (BEGIN_SOLUTION, END_SOLUTION))
