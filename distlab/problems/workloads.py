@@ -149,6 +149,12 @@ class Workload:
 
 def train_reference(workload: Workload) -> list[float]:
     """Single-process training: the loss of every step, the curve to reproduce."""
+    return train_reference_model(workload)[0]
+
+
+def train_reference_model(workload: Workload) -> tuple[list[float], torch.nn.Module]:
+    """Single-process training: the loss of every step and the trained model (whose final
+    parameters a sharded run must gather)."""
     model = workload.build_model()
     optimizer = workload.optimizer(model.parameters())
     losses = []
@@ -158,4 +164,4 @@ def train_reference(workload: Workload) -> list[float]:
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    return losses
+    return losses, model
