@@ -38,9 +38,16 @@ module holding every branch one unit (``unit_types``). The other cases (tied wei
 frozen layers, buffers, which stay whole on every rank and are not synchronized, float64,
 bfloat16) are tested in ``tests/sharding/test_hard_cases.py``.
 
-Optional mixed precision (Micikevicius et al. 2018): ``compute_dtype=torch.bfloat16``
-gathers and computes in bf16 (half the all-gather bytes) while the shards, the gradients'
-reduction and the optimizer stay fp32 ("master weights").
+Optional mixed precision (Micikevicius et al. 2018), two ways:
+
+* ``compute_dtype=torch.bfloat16`` gathers and computes in bf16 (half the all-gather bytes)
+  while the shards, the gradients' reduction and the optimizer stay fp32: the shards are
+  their own master weights, (4 + 4 + K)Ψ/N bytes per rank.
+* ``param_dtype=torch.bfloat16`` (or ``torch.float16``) keeps 16-bit shards: the all-gathers
+  *and* the gradients' reduce-scatter move 16-bit numbers (half the bytes of each of the
+  three collectives above), and the fp32 master weights are sharded with the optimizer state
+  (:class:`distlab.sharding.fsdp_mixed.MasterWeightOptimizer`): the paper's "2 + 2 + K",
+  (2 + 2 + 12)Ψ/N bytes per rank with Adam (ZeRO section 3.1), as ZeRO's mixed path.
 """
 from __future__ import annotations
 
@@ -50,6 +57,9 @@ from torch import nn
 
 from distlab.sharding.fsdp_units import ParamRef, Unit, refuse_units_around_recomputation
 from distlab.sharding.layout import ShardLayout, all_gather_rows
+
+PARAM_DTYPES = (torch.bfloat16, torch.float16)
+"""The dtypes of 16-bit shards (``param_dtype``)."""
 
 
 class FullyShardedDataParallel(nn.Module):
@@ -70,20 +80,37 @@ class FullyShardedDataParallel(nn.Module):
             of its unit: outside it, the attribute is None.
         compute_dtype: e.g. ``torch.bfloat16``: gather and compute in that dtype, keep fp32
             shards ("master weights"); floating inputs are cast to it, outputs back to fp32.
+        param_dtype: ``torch.bfloat16`` or ``torch.float16``: the shards themselves are that
+            dtype (the floating parameters are cast; buffers keep theirs), gathered, computed
+            and reduce-scattered in it; inputs and outputs are cast as for ``compute_dtype``.
+            Step the shards with :class:`~distlab.sharding.fsdp_mixed.MasterWeightOptimizer`
+            (fp32 masters of this rank's shards; fp16 with a loss scaler).
 
     Refused at construction: a unit whose parameters have different dtypes (one all-gather
-    carries one dtype), an unknown ``compute_dtype``, a unit gathered outside the
+    carries one dtype), an unknown ``compute_dtype``, a ``param_dtype`` other than bf16 and
+    fp16, both of them at once, a unit gathered outside the
     activation-checkpointed forward that uses it (:func:`distlab.memory.recompute.with_recompute`
     around a ``unit_types`` module or one of its parts: the recomputation would find it freed).
     """
 
-    def __init__(self, module: nn.Module, group=None, *, unit_types=None, compute_dtype=None):
+    def __init__(self, module: nn.Module, group=None, *, unit_types=None, compute_dtype=None,
+                 param_dtype=None):
         super().__init__()
         if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype)
                                               and compute_dtype.is_floating_point):
             raise ValueError(f"compute_dtype={compute_dtype!r} is not supported; allowed None "
                              "or a floating torch dtype (torch.bfloat16, torch.float16...)")
-        self.module, self.group, self.compute_dtype = module, group, compute_dtype
+        if param_dtype is not None and param_dtype not in PARAM_DTYPES:
+            raise ValueError(f"param_dtype={param_dtype!r} is not supported; allowed None, "
+                             "torch.bfloat16 or torch.float16 (16-bit shards, stepped through "
+                             "fp32 master weights)")
+        if param_dtype is not None and compute_dtype is not None:
+            raise ValueError(f"compute_dtype={compute_dtype!r} with param_dtype={param_dtype!r}:"
+                             " give one; 16-bit shards are gathered and computed in their own "
+                             "dtype (compute_dtype is for fp32 shards)")
+        # 16-bit shards compute in their dtype: inputs and outputs are cast as for compute_dtype.
+        self.module, self.group, self.param_dtype = module, group, param_dtype
+        self.compute_dtype = compute_dtype or param_dtype
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         named = list(module.named_parameters())             # tied weights once
         self.param_names = [n for n, _ in named]
@@ -95,7 +122,8 @@ class FullyShardedDataParallel(nn.Module):
                 parent[c] = m
             for pname, p in m.named_parameters(recurse=False):
                 self._owners[index[id(p)]].append((m, pname))
-        self._params_meta = [(n, p.shape, p.requires_grad, p.dtype) for n, p in named]
+        self._params_meta = [(n, p.shape, p.requires_grad, self._shard_dtype(p))
+                             for n, p in named]
         units: dict[nn.Module, list[int]] = {module: []}
         for i in range(len(named)):
             owners = self._owners[i]
@@ -104,7 +132,8 @@ class FullyShardedDataParallel(nn.Module):
             units.setdefault(unit, []).append(i)
         layout = ShardLayout([p.shape for _, p in named], self.world_size)
         self.shards = nn.ParameterList(
-            [nn.Parameter(layout.shard(i, p.detach(), self.rank).clone(),
+            [nn.Parameter(layout.shard(i, p.detach(), self.rank).to(self._shard_dtype(p),
+                                                                      copy=True),
                           requires_grad=p.requires_grad) for i, (_, p) in enumerate(named)])
         self._layout = layout
         for i in range(len(named)):                           # free the full parameters
@@ -125,6 +154,9 @@ class FullyShardedDataParallel(nn.Module):
                 # address would make a later activation pass for this unit's parameter).
                 m.register_forward_hook(lambda mod, args, out, u=unit: u.release(),
                                         always_call=True)
+
+    def _shard_dtype(self, p: torch.Tensor) -> torch.dtype:
+        return self.param_dtype if self.param_dtype and p.is_floating_point() else p.dtype
 
     @staticmethod
     def _unit_module(m, parent, unit_types):

@@ -134,7 +134,8 @@ class AllGather(torch.autograd.Function):
         master = fsdp.shards[unit.trainable[0]]
         fulls = [torch.zeros(s, dtype=master.dtype, device=master.device) if g is None else g
                  for g, s in zip(grads, layout.shapes)]
-        # Reduce in the shards' dtype (fp32 under bf16 compute): N bf16 numbers lose bits.
+        # Reduce in the shards' dtype: fp32 under compute_dtype (N bf16 numbers lose bits),
+        # 16 bits under param_dtype (half the bytes; the fp32 masters take the result).
         rows = layout.pack_rows(fulls, dtype=master.dtype)
         mine = reduce_scatter(rows, fsdp.group) / fsdp.world_size
         out = []

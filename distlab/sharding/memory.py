@@ -11,7 +11,10 @@ bytes of optimizer state per parameter (fp32 master weights, momentum and varian
 In fp32 the parameters are their own master weights: 4Ψ of parameters, 4Ψ of gradients and
 K = 8 (Adam, AdamW: m and v) or K = 4 (SGD with momentum). :func:`predicted_bytes` gives
 these, and with ``param_bytes=2, master_bytes=4`` the paper's 2 + 2 + K, K = 4 + 8 = 12
-(``ShardedOptimizer(..., master_weights=True)``, ``distlab.precision.mixed``).
+(``ShardedOptimizer(..., master_weights=True)``, ``distlab.precision.mixed``; at stage 3
+``FullyShardedDataParallel(..., param_dtype=torch.bfloat16)`` with
+:class:`~distlab.sharding.fsdp_mixed.MasterWeightOptimizer`, whose masters count here as
+optimizer state since the optimizer steps them).
 :func:`measure` adds up the bytes of the storages a rank really holds (each storage once,
 so views and tied weights are not counted twice).
 Activations and the transient buffers of one collective are not model states and are left
