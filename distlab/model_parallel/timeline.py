@@ -5,7 +5,10 @@
 events, :func:`measured_bubble` gives the fraction of the step the pipeline sat idle, to
 set beside the ideal ``(p - 1) / (m + p - 1)`` of
 :func:`distlab.model_parallel.pipeline.bubble_fraction`, and :func:`exposed_communication`
-the fraction it spent moving activations and gradients.
+the fraction it spent moving activations and gradients. A compute span also names its pass
+(``op``: "F", "B", or under a split backward "W", recorded as kind ``"backward"``) and its
+model ``chunk``; :func:`distlab.model_parallel.schedules.compare_schedules` sets each
+schedule's measured bubble beside its own formula.
 """
 from __future__ import annotations
 
@@ -24,15 +27,16 @@ class Timeline:
         self.rank, self.events, self.t0, self.step = rank, [], time.perf_counter(), 0
 
     @contextmanager
-    def span(self, kind: str, microbatch: int):
-        """Record the time spent in the ``with`` block as one event."""
+    def span(self, kind: str, microbatch: int, **fields):
+        """Record the time spent in the ``with`` block as one event; ``fields`` (a compute
+        span's ``op``, "F", "B" or "W", and model ``chunk``) go into it too."""
         start = time.perf_counter()
         try:
             yield
         finally:
             self.events.append(dict(rank=self.rank, step=self.step, kind=kind,
                                     microbatch=microbatch, start=start - self.t0,
-                                    end=time.perf_counter() - self.t0))
+                                    end=time.perf_counter() - self.t0, **fields))
 
 
 class ActivationMeter:
