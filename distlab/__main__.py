@@ -89,7 +89,9 @@ def main(argv=None) -> int:
     k.add_argument("--checkpoint-dir", help="elastic: a folder every node can reach")
     k.add_argument("--checkpoint-every", type=int, help="elastic: steps between checkpoints")
     k.add_argument("--tp", type=int, help="mesh: tensor-parallel degree (dp = ranks / tp)")
-    k.add_argument("--schedule", help="pipeline: gpipe or 1f1b")
+    k.add_argument("--schedule", help="pipeline: gpipe, 1f1b, interleaved or zb-h1")
+    k.add_argument("--virtual-stages", dest="virtual_stages", type=int,
+                   help="pipeline, interleaved: model chunks per rank")
     k.add_argument("--microbatches", "--num-microbatches", dest="num_microbatches", type=int,
                    help="pipeline: microbatches per batch")
     from distlab.course.grading.cli import add_parser as add_course_parser
@@ -248,11 +250,12 @@ def _mesh(args, world_size: int, tp: int | None = None):
 
 
 def _pipeline(args, world_size: int):
-    """pipeline parallel: one stage per rank, GPipe or 1F1B"""
+    """pipeline parallel: one stage per rank, GPipe, 1F1B, interleaved 1F1B or ZB-H1"""
     from distlab.model_parallel import pipeline
     config = pipeline.PipelineConfig(workload=_workload(args, pipeline.PipelineConfig),
                                      num_stages=world_size,
-                                     **_given(args, "schedule", "num_microbatches"))
+                                     **_given(args, "schedule", "num_microbatches",
+                                            "virtual_stages"))
 
     def per_rank(group=None):
         result = pipeline.train(config, group)
@@ -273,7 +276,7 @@ ALGORITHMS = {
     "elastic": (_elastic, ("checkpoint_dir", "checkpoint_every")),
     "tp": (_tp, ()),
     "mesh": (_mesh, ("tp",)),
-    "pipeline": (_pipeline, ("schedule", "num_microbatches")),
+    "pipeline": (_pipeline, ("schedule", "num_microbatches", "virtual_stages")),
 }
 """``{--algo: (build(args, world_size) -> the per-rank function, the knobs it reads)}``."""
 _KNOB_NAMES = sorted({k for _, knobs in ALGORITHMS.values() for k in knobs})
