@@ -39,7 +39,10 @@ with fewer cores than ranks, every message also waits for its receiver to get a 
 ``alpha + gamma·max(0, p/c - 1)`` for p ranks on c cores (:func:`machine_cores`), with
 gamma fitted like alpha and beta (:func:`distlab.communication.cost_model.fit`;
 :func:`~distlab.communication.cost_model.errors_by_crowding` gives the fit's median error
-for p <= c and for p > c).
+for p <= c and for p > c). The bytes pay too: every byte is copied and added by a rank's
+CPU, and p/c ranks share each core, so :func:`oversubscribed_beta` gives
+``beta + delta·max(0, p/c - 1)`` (on a 2-core machine a ring's bus bandwidth at 16 MiB
+falls from about 0.9 GB/s at 2 ranks to 0.5 at 4 and 0.3 at 8).
 This module imports nothing from distlab, so the ledger in :mod:`distlab.comm` can use it.
 """
 from __future__ import annotations
@@ -178,6 +181,18 @@ def oversubscribed_alpha(alpha: float, gamma: float, world_size: int, cores: int
     alpha = _seconds("oversubscribed_alpha", "alpha", alpha, "message")
     gamma = _seconds("oversubscribed_alpha", "gamma", gamma, "message")
     return alpha + gamma * oversubscription(world_size, cores)
+
+
+def oversubscribed_beta(beta: float, delta: float, world_size: int, cores: int) -> float:
+    """The time per byte when ``world_size`` ranks share ``cores`` cores:
+    ``beta + delta·oversubscription(p, c)``, delta in seconds per byte per waiting rank.
+
+    On one machine a "link" is a memory copy (and the reduction's add) done by the ranks'
+    CPUs: with p/c ranks on a core, each copy waits for the others' on that core.
+    """
+    beta = _seconds("oversubscribed_beta", "beta", beta, "byte")
+    delta = _seconds("oversubscribed_beta", "delta", delta, "byte")
+    return beta + delta * oversubscription(world_size, cores)
 
 
 def machine_cores() -> int:

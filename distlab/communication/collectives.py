@@ -28,28 +28,26 @@ Options shared by every function (keyword-only):
 
 * ``check``: compare shape and dtype across ranks with one tiny all-gather
   (``distlab.communication.same_tensor``), so a mismatch is a clear error on every rank
-  instead of a wrong answer or a hang. The comparison is made
-  when a function meets a tensor shape and dtype other than the last ones every rank of the
-  group agreed on for it, so a loop over same-shaped tensors pays it once: on a loaded
-  machine one small collective costs milliseconds, a third of a 4 MiB ring's time. Its
-  bytes appear in the ledger under ``"all_gather"``, the algorithm's own under
-  ``"send"``/``"recv"``. (If one rank changes its shape while the others keep the agreed
-  one, they start the algorithm while it waits to compare: after 10 s it says so on its
-  stderr, and the launch's timeout ends the run.)
-* ``network``: a :class:`distlab.communication.netsim.Network` whose *injected* latency and bandwidth are
-  added to every message (a simulated cluster on one machine).
+  instead of a wrong answer or a hang; made only when a function meets another shape or
+  dtype than the one its group last agreed on (one small collective costs milliseconds on
+  a loaded machine), and booked under ``"all_gather"`` in the ledger. (A rank that alone
+  changes its shape waits to compare while the others start: after 10 s it says so.)
+* ``network``: a :class:`distlab.communication.netsim.Network` whose *injected* latency and
+  bandwidth are added to every message (a simulated cluster on one machine).
 * ``trace``: a list; when given, one event per message is appended to it (who sent which
   chunk to whom, when) for a timeline figure (lab 01's
   :func:`distlab.course.lab01_collectives.figure_timeline`). Nothing is recorded otherwise.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 import torch.distributed as dist
 
 from distlab import comm
+from distlab.communication import alpha_beta
 from distlab.communication.same_tensor import check_same_tensor
 
 _clock = time.perf_counter   # CLOCK_MONOTONIC: comparable across processes on one machine
@@ -105,12 +103,9 @@ _spaces: dict[tuple, torch.Tensor] = {}   # (dtype, device) -> receive space, re
 
 def _receive_space(numel: int, like: torch.Tensor) -> torch.Tensor:
     """``numel`` elements of ``like``'s dtype and device for incoming messages, the same
-    memory from call to call (so one rank must not run two of these collectives at once).
-
-    A fresh buffer of megabytes costs a page fault per 4 KiB page when first written: for
-    the 8 MiB a 16 MiB ring receives on 2 ranks, about 4 ms, a third of the call. The space
-    grows to the largest call's and stays.
-    """
+    memory from call to call (so one rank must not run two of these collectives at once):
+    a fresh buffer costs a page fault per 4 KiB page when first written (for the 8 MiB a
+    16 MiB ring receives on 2 ranks, 4 ms, a third of the call). It grows, and stays."""
     key = (like.dtype, like.device)
     space = _spaces.get(key)
     if space is None or space.numel() < numel:
@@ -318,30 +313,43 @@ def ring_all_reduce(tensor, group=None, *, check=True, network=None, trace=None)
     only after this rank's partial sum of c has travelled round to c's owner, that is after
     this rank is done with chunk c.
 
+    With more ranks than cores it goes round in segments of 1 MiB messages (:func:`_segments`):
+    at 4 ranks on 2 busy cores, 16 MiB in 4 MiB messages took 4-6x gloo's time, segmented 1.3x.
+
     Cost: :func:`distlab.communication.alpha_beta.ring_all_reduce`,
     ``2(p-1)·alpha + 2(p-1)/p·n·beta``.
     """
     me, p = _group_rank_and_size(tensor, group, check, "ring_all_reduce")
     if p == 1 or tensor.numel() == 0:
         return tensor
-    chunks = tensor.view(-1).tensor_split(p)
-    sends, bufs, into = _reduce_scatter_steps(chunks, me, p)
-    gathers, places = _all_gather_steps(chunks, me, p)
-    pending = _post_receives(bufs + places, group, (me - 1) % p)
-    _ring_pass(chunks, sends, bufs, into, group, network, me, p, trace, "reduce-scatter", 0,
-               pending[:p - 1])
-    _ring_pass(chunks, gathers, places, None, group, network, me, p, trace, "all-gather",
-               p - 1, pending[p - 1:])
+    for flat in _segments(tensor.view(-1), p, network, trace):
+        chunks = flat.tensor_split(p)
+        sends, bufs, into = _reduce_scatter_steps(chunks, me, p)
+        gathers, places = _all_gather_steps(chunks, me, p)
+        pending = _post_receives(bufs + places, group, (me - 1) % p)
+        _ring_pass(chunks, sends, bufs, into, group, network, me, p, trace, "reduce-scatter",
+                   0, pending[:p - 1])
+        _ring_pass(chunks, gathers, places, None, group, network, me, p, trace, "all-gather",
+                   p - 1, pending[p - 1:])
     return tensor
+
+
+_MAX_MESSAGE_BYTES = 1 << 20   # largest ring message when the ranks outnumber the cores
+
+
+def _segments(flat, p, network, trace):
+    """``flat`` cut so that no message exceeds ``_MAX_MESSAGE_BYTES`` when the ranks outnumber
+    this rank's cores (a pinned rank has one), else whole; a network or trace sees it whole."""
+    k = math.ceil(comm.nbytes(flat) / p / _MAX_MESSAGE_BYTES)
+    crowded = p > alpha_beta.machine_cores() and network is None and trace is None
+    return flat.tensor_split(k) if crowded and k > 1 else (flat,)
 
 
 def gloo_all_reduce(tensor, group=None, *, check=True, network=None, trace=None):
     """The built-in ``torch.distributed.all_reduce`` (counted), for comparison; the ledger
     books it as a ring (:func:`distlab.communication.alpha_beta.ring_all_reduce_bytes`).
-
-    ``network`` is not applied (the messages are inside the backend) and ``trace`` stays
-    empty; ``check`` is ignored: the backend checks sizes itself.
-    """
+    ``network`` and ``trace`` are not applied (the messages are inside the backend), nor
+    ``check`` (the backend checks sizes itself)."""
     comm.all_reduce(tensor, group=group)
     return tensor
 

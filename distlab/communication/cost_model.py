@@ -20,7 +20,9 @@ the model is off. :func:`time_collective` is the timer that :func:`measure` runs
 A laptop has fewer cores than a lab's ranks. Then every message also waits for its receiver
 to get a core, and the fit gets a third parameter, gamma: each message's latency becomes
 ``alpha + gamma·max(0, p/c - 1)`` for p ranks on c cores
-(:func:`distlab.communication.alpha_beta.oversubscribed_alpha`). With p <= c the model is
+(:func:`distlab.communication.alpha_beta.oversubscribed_alpha`), and a fourth, delta, for
+the bytes, whose copies and adds share the cores too: ``beta + delta·max(0, p/c - 1)``
+(:func:`~distlab.communication.alpha_beta.oversubscribed_beta`). With p <= c the model is
 the paper's; :func:`errors_by_crowding` reports how well it holds on each side of c.
 """
 from __future__ import annotations
@@ -61,13 +63,15 @@ def terms(algorithm: str, nbytes: float, world_size: int) -> alpha_beta.Cost:
 
 
 def predict(algorithm: str, nbytes: float, world_size: int, alpha: float, beta: float,
-            gamma: float = 0.0, cores: int | None = None) -> float:
+            gamma: float = 0.0, cores: int | None = None, delta: float = 0.0) -> float:
     """The model's time in seconds: ``a·alpha + b·beta`` (see :func:`terms`), and with
-    ``gamma`` the oversubscription term ``a·gamma·max(0, p/c - 1)`` for ``cores`` c (None:
-    this machine's, :func:`~distlab.communication.alpha_beta.machine_cores`)."""
+    ``gamma`` and ``delta`` the oversubscription terms ``(a·gamma + b·delta)·max(0, p/c - 1)``
+    for ``cores`` c (None: this machine's,
+    :func:`~distlab.communication.alpha_beta.machine_cores`)."""
     cores = alpha_beta.machine_cores() if cores is None else cores
     latency = alpha_beta.oversubscribed_alpha(alpha, gamma, world_size, cores)
-    return terms(algorithm, nbytes, world_size).time(latency, beta)
+    per_byte = alpha_beta.oversubscribed_beta(beta, delta, world_size, cores)
+    return terms(algorithm, nbytes, world_size).time(latency, per_byte)
 
 
 @dataclass(frozen=True)
@@ -89,10 +93,13 @@ class Fit:
     more ranks than cores)."""
     cores: int | None = None
     """The machine's cores c of ``max(0, p/c - 1)``; None: this machine's."""
+    delta: float = 0.0
+    """Seconds added to every byte per rank waiting for a core (0 when no measurement had
+    more ranks than cores)."""
 
     def __post_init__(self):
         require(self, "algorithm", self.algorithm in alpha_beta.COSTS, f"one of {ALGORITHMS}")
-        for name in ("alpha", "beta", "median_error", "max_error", "gamma"):
+        for name in ("alpha", "beta", "median_error", "max_error", "gamma", "delta"):
             require(self, name, is_number(getattr(self, name)) and getattr(self, name) >= 0,
                     "a number >= 0")
         require(self, "num_points", is_int(self.num_points) and self.num_points >= 1, ">= 1")
@@ -108,11 +115,12 @@ class Fit:
         """Model time(s) for one size or an array of sizes."""
         a, b = np.vectorize(lambda n: terms(self.algorithm, n, world_size))(np.asarray(nbytes))
         cores = alpha_beta.machine_cores() if self.cores is None else self.cores
-        return a * alpha_beta.oversubscribed_alpha(self.alpha, self.gamma, world_size,
-                                                   cores) + b * self.beta
+        return (a * alpha_beta.oversubscribed_alpha(self.alpha, self.gamma, world_size, cores)
+                + b * alpha_beta.oversubscribed_beta(self.beta, self.delta, world_size, cores))
 
     def __str__(self):
-        crowded = f", gamma = {1e6 * self.gamma:.1f} µs" if self.gamma else ""
+        crowded = (f", gamma = {1e6 * self.gamma:.1f} µs" if self.gamma else "") + (
+            f", delta = {1e9 * self.delta:.3f} ns/B" if self.delta else "")
         return (f"{self.algorithm}: alpha = {1e6 * self.alpha:.1f} µs, "
                 f"beta = {1e9 * self.beta:.3f} ns/B ({self.bandwidth / 1e9:.2f} GB/s)"
                 f"{crowded}, median error {100 * self.median_error:.0f}% "
@@ -120,14 +128,15 @@ class Fit:
 
 
 def fit(measurements: pd.DataFrame, cores: int | None = None) -> dict[str, Fit]:
-    """Fit alpha, beta and gamma per algorithm to ``measurements`` (columns ``algorithm``,
-    ``world_size``, ``nbytes``, ``time`` as :func:`measure` returns them), measured on a
-    machine of ``cores`` cores (None: this one's).
+    """Fit alpha, beta, gamma and delta per algorithm to ``measurements`` (columns
+    ``algorithm``, ``world_size``, ``nbytes``, ``time`` as :func:`measure` returns them),
+    measured on a machine of ``cores`` cores (None: this one's).
 
-    Least squares on relative errors: each row ``a·alpha + b·beta + a·o·gamma ≈ t``, with
-    ``o = max(0, p/c - 1)`` (:func:`~distlab.communication.alpha_beta.oversubscription`), is
-    divided by t. Every parameter is kept non-negative (the best fit over the subsets of
-    parameters whose own fit is non-negative); gamma is 0 when no row has p > c.
+    Least squares on relative errors: each row ``a·alpha + b·beta + (a·gamma + b·delta)·o
+    ≈ t``, with ``o = max(0, p/c - 1)``
+    (:func:`~distlab.communication.alpha_beta.oversubscription`), is divided by t. Every
+    parameter is kept non-negative (the best fit over the subsets of parameters whose own
+    fit is non-negative); gamma and delta are 0 when no row has p > c.
     """
     _require_positive_times(measurements, "fit")
     cores = alpha_beta.machine_cores() if cores is None else cores
@@ -137,13 +146,13 @@ def fit(measurements: pd.DataFrame, cores: int | None = None) -> dict[str, Fit]:
         ab = np.array([terms(algorithm, n, p) for n, p in zip(df["nbytes"], df["world_size"])])
         crowding = np.array([alpha_beta.oversubscription(int(p), cores)
                              for p in df["world_size"]])
-        X = np.column_stack([ab, ab[:, 0] * crowding])        # alpha, beta, gamma columns
+        X = np.column_stack([ab, ab * crowding[:, None]])    # alpha, beta, gamma, delta
         t = df["time"].to_numpy(dtype=float)
         coef = _non_negative_least_squares(X / t[:, None])    # rows scaled to relative error
         rel = np.abs(X @ coef - t) / t
         fits[algorithm] = Fit(algorithm, float(coef[0]), float(coef[1]),
                               float(np.median(rel)), float(rel.max()), len(t),
-                              gamma=float(coef[2]), cores=cores)
+                              gamma=float(coef[2]), cores=cores, delta=float(coef[3]))
     return fits
 
 
@@ -170,7 +179,7 @@ def errors_by_crowding(measurements: pd.DataFrame, fits: dict[str, Fit],
 
 def _non_negative_least_squares(A: np.ndarray) -> np.ndarray:
     """The ``x >= 0`` minimising ``|A x - 1|``: the best over every subset of columns whose
-    own least-squares fit is non-negative (three columns: seven subsets, exactly)."""
+    own least-squares fit is non-negative (four columns: fifteen subsets, exactly)."""
     ones = np.ones(len(A))
     best, best_err = np.zeros(A.shape[1]), math.inf
     for mask in range(1, 1 << A.shape[1]):

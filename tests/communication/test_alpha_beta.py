@@ -59,6 +59,13 @@ def test_oversubscribed_alpha_adds_gamma_per_waiting_rank_only_past_the_cores():
         14 * (1e-5 + 3e-3))
 
 
+def test_oversubscribed_beta_adds_delta_per_waiting_rank_only_past_the_cores():
+    assert ab.oversubscribed_beta(1e-9, 5e-10, 2, 2) == 1e-9
+    assert ab.oversubscribed_beta(1e-9, 5e-10, 8, 2) == pytest.approx(2.5e-9)
+    with pytest.raises(ValueError, match=r"delta=-1.0 is out of range"):
+        ab.oversubscribed_beta(1e-9, -1.0, 4, 2)
+
+
 def test_machine_cores_is_this_process_affinity():
     assert ab.machine_cores() == len(os.sched_getaffinity(0)) >= 1
 

@@ -189,3 +189,18 @@ def test_a_group_of_ranks_1_and_2_addresses_peers_by_global_rank(refusals):
         assert len(z) == (0 if rank == 0 else 3)
         for algo, got in z.items():
             torch.testing.assert_close(got, torch.full((3,), 3.0), msg=algo)
+
+
+def segmented_ring():
+    C._MAX_MESSAGE_BYTES = 40                       # 400 bytes in 133-byte chunks: 4 segments
+    C.alpha_beta.machine_cores = lambda: 1          # more ranks than cores, on any machine
+    x = torch.arange(100, dtype=torch.float32) * (dist.get_rank() + 1)
+    comm.ledger().reset()
+    C.ring_all_reduce(x)
+    return x, comm.ledger().by_op()["send"]["calls"]
+
+
+def test_a_crowded_ring_goes_round_in_segments_and_still_sums():
+    for x, sends in distlab.launch(segmented_ring, 3, timeout=60):
+        torch.testing.assert_close(x, torch.arange(100, dtype=torch.float32) * 6)
+        assert sends == 4 * 2 * (3 - 1)             # every segment: 2(p-1) messages

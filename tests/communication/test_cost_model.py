@@ -98,10 +98,10 @@ def test_fit_keeps_parameters_non_negative():
     assert f.alpha >= 0 and f.beta > 0
 
 
-def crowded(alpha, beta, gamma, cores, noise=0.0, seed=0):
+def crowded(alpha, beta, gamma, cores, noise=0.0, seed=0, delta=0.0):
     rng = np.random.default_rng(seed)
     rows = [dict(algorithm=a, world_size=p, nbytes=n,
-                 time=cm.predict(a, n, p, alpha, beta, gamma=gamma, cores=cores)
+                 time=cm.predict(a, n, p, alpha, beta, gamma=gamma, cores=cores, delta=delta)
                  * (1 + noise * rng.standard_normal()))
             for a in ("ring", "naive") for p in (2, 4, 8) for n in (4096, 65536, 1 << 20)]
     return pd.DataFrame(rows)
@@ -122,6 +122,21 @@ def test_fit_recovers_gamma_from_more_ranks_than_cores():
         assert "gamma = 400.0 µs" in str(f)
     errors = cm.errors_by_crowding(crowded(50e-6, 1e-9, 400e-6, cores=2), fits)
     assert errors["p <= cores"] < 1e-9 and errors["p > cores"] < 1e-9
+
+
+def test_fit_recovers_delta_when_the_bytes_share_the_cores_too():
+    df = crowded(50e-6, 1e-9, 400e-6, cores=2, delta=0.6e-9)
+    for f in cm.fit(df, cores=2).values():
+        assert f.beta == pytest.approx(1e-9, rel=1e-6) and f.delta == pytest.approx(0.6e-9, rel=1e-6)
+        assert f.gamma == pytest.approx(400e-6, rel=1e-6) and "delta = 0.600 ns/B" in str(f)
+    without = cm.fit(crowded(50e-6, 1e-9, 400e-6, cores=2), cores=2)
+    assert all(f.delta == pytest.approx(0.0, abs=1e-15) for f in without.values())
+
+
+def test_a_noisy_crowded_machine_is_fitted_within_twenty_percent_where_ranks_have_cores():
+    df = crowded(200e-6, 1e-9, 300e-6, cores=2, delta=0.6e-9, noise=0.1)
+    errors = cm.errors_by_crowding(df, cm.fit(df, cores=2))
+    assert errors["p <= cores"] <= 0.2 and errors["p > cores"] <= 0.2
 
 
 def test_the_plain_model_misses_where_ranks_outnumber_cores():
