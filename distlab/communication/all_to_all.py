@@ -102,6 +102,8 @@ ALL_TO_ALLS = {"pairwise": pairwise_all_to_all, "torch": torch_all_to_all}
 def model_bytes(nbytes: int, world_size: int) -> int:
     """Bytes each rank sends (and receives) in an all-to-all of ``nbytes`` per rank split
     equally: ``(p-1)/p·n``, the ``b`` of :func:`distlab.communication.alpha_beta.all_to_all`."""
+    require_arg("nbytes", nbytes, is_int(nbytes) and nbytes >= 0, "an int >= 0")
+    require_arg("world_size", world_size, is_int(world_size) and world_size >= 1, "an int >= 1")
     return round(alpha_beta.all_to_all(nbytes, world_size).nbytes)
 
 
@@ -115,9 +117,9 @@ def compare(world_sizes=(2, 3, 4), chunk_numel: int = 1024) -> list[dict]:
     """
     require_arg("chunk_numel", chunk_numel, is_int(chunk_numel) and chunk_numel >= 1,
                 "an int >= 1")
-    for p in world_sizes:
-        require_arg("world_sizes", world_sizes, is_int(p) and 1 <= p <= 16,
-                    "ints in 1..16")
+    require_arg("world_sizes", world_sizes, isinstance(world_sizes, (list, tuple))
+                and len(world_sizes) > 0 and all(is_int(p) and 1 <= p <= 16 for p in world_sizes),
+                "a non-empty list of ints in 1..16")
     from distlab.launcher import launch
     rows = []
     for p in world_sizes:

@@ -73,11 +73,12 @@ class ContextParallelConfig:
     """Seeds the weights and the batch (the same on every rank)."""
 
     def __post_init__(self):
-        require(self, "method", self.method in METHODS, f"one of {METHODS}")
-        require(self, "layout", self.layout in LAYOUTS, f"one of {LAYOUTS}")
+        for name, allowed in (("method", METHODS), ("layout", LAYOUTS),
+                              ("all_to_all", tuple(ALL_TO_ALLS))):
+            v = getattr(self, name)
+            require(self, name, isinstance(v, str) and v in allowed, f"one of {allowed}")
         require(self, "layout", self.method == "ring" or self.layout == "contiguous",
                 "'contiguous' with method='ulysses' (its all-to-all restores the order)")
-        require(self, "all_to_all", self.all_to_all in ALL_TO_ALLS, f"one of {tuple(ALL_TO_ALLS)}")
         require(self, "causal", isinstance(self.causal, bool), "True or False")
         for name in ("world_size", "seq_len", "heads", "head_dim", "batch_size", "num_steps"):
             require(self, name, is_int(getattr(self, name)) and getattr(self, name) >= 1,
@@ -113,7 +114,7 @@ def train(config: ContextParallelConfig, group=None) -> dict:
     for step in range(config.num_steps):
         loss = F.mse_loss(layer(X), Y)
         loss.backward()
-        average_gradients(layer.parameters(), group)
+        layer.finish_gradient_synchronization()
         optimizer.step()
         optimizer.zero_grad()
         total = loss.detach().clone()
@@ -164,6 +165,8 @@ def predicted_bytes(config: ContextParallelConfig) -> dict[str, int]:
     2(p-1)·n + 2p·n (K and V again, dK and dV one hop more, home; 0 on one rank). Ulysses: 4 all-to-alls
     each way, each (p-1)/p·n.
     """
+    require_arg("config", config, isinstance(config, ContextParallelConfig),
+                "a ContextParallelConfig")
     p = config.world_size
     n = config.batch_size * config.seq_len // p * config.heads * config.head_dim * 4
     if config.method == "ring":
@@ -179,6 +182,11 @@ def predicted_scores_bytes(method: str, seq_len: int, world_size: int, heads: in
     ``"full"``: B·H·T^2; ``"ulysses"``: B·(H/p)·T^2; ``"ring"``: one block, B·H·(T/p)^2
     (``(T/2p)^2`` with ``layout="zigzag"``).
     """
+    require_arg("method", method, method in ("full", *METHODS), f"one of {('full', *METHODS)}")
+    for name, v in (("seq_len", seq_len), ("world_size", world_size), ("heads", heads),
+                    ("batch_size", batch_size)):
+        require_arg(name, v, is_int(v) and v >= 1, "an int >= 1")
+    require_arg("layout", layout, layout in LAYOUTS, f"one of {LAYOUTS}")
     T, p = seq_len, world_size
     if method == "full":
         return batch_size * heads * T * T * 4
@@ -232,6 +240,13 @@ class ContextParallelAttention(nn.Module):
     def __init__(self, layer: CausalSelfAttention, method: str, causal: bool,
                  layout: str = "contiguous", group=None, all_to_all: str = "torch"):
         super().__init__()
+        require_arg("layer", layer, isinstance(layer, CausalSelfAttention),
+                    "a distlab.problems.transformer.CausalSelfAttention")
+        require_arg("method", method, method in (*METHODS, "full"), f"one of {(*METHODS, 'full')}")
+        require_arg("causal", causal, isinstance(causal, bool), "True or False")
+        require_arg("layout", layout, layout in LAYOUTS, f"one of {LAYOUTS}")
+        require_arg("all_to_all", all_to_all, all_to_all in ALL_TO_ALLS,
+                    f"one of {tuple(ALL_TO_ALLS)}")
         self.layer, self.method, self.causal = layer, method, causal
         self.layout, self.group, self.all_to_all = layout, group, all_to_all
 
@@ -247,6 +262,14 @@ class ContextParallelAttention(nn.Module):
         else:
             y = full_attention(q, k, v, self.causal)
         return self.layer.proj(y.transpose(1, 2).reshape(B, n, C))    # (B, T/p, C)
+
+    def finish_gradient_synchronization(self) -> None:
+        """After backward: average the replicated weights' gradients over the group (each
+        rank's covers its own tokens; equal shards, so the average is the whole
+        sequence's). Frozen weights are left alone. Cost: one all-reduce of the weights'
+        gradients (:func:`distlab.data_parallel.ddp.average_gradients`)."""
+        if self.method != "full":
+            average_gradients(self.parameters(), self.group)
 
 
 def build_layer(config: ContextParallelConfig) -> CausalSelfAttention:

@@ -57,6 +57,7 @@ def volumes(workload: Workload, world_size: int, itemsize: int = 4) -> dict[str,
     tokens: a tensor-parallel group computes all of them."""
     _check_transformer(workload)
     require_arg("world_size", world_size, is_int(world_size) and world_size >= 1, "an int >= 1")
+    require_arg("itemsize", itemsize, is_int(itemsize) and itemsize >= 1, "an int >= 1")
     B, T, C, L, p = (workload.batch_size, workload.block_size, workload.hidden,
                      workload.depth, world_size)
     activations = 4 * ring_all_reduce_bytes(itemsize * B * T * C, p)   # = 4 RS + 4 AG
@@ -106,6 +107,11 @@ def saved_activation_bytes(workload: Workload, degree: int, sequence_parallel: b
     (B·T·V), split by t under sequence parallelism. Small terms (LayerNorm means and
     deviations, log-sum-exps) are left out.
     """
+    _check_transformer(workload)
+    require_arg("degree", degree, is_int(degree) and degree >= 1, "an int >= 1")
+    require_arg("sequence_parallel", sequence_parallel, isinstance(sequence_parallel, bool),
+                "True or False")
+    require_arg("regather", regather, isinstance(regather, bool), "True or False")
     B, T, C, L, t = (workload.batch_size, workload.block_size, workload.hidden,
                      workload.depth, degree)
     V = _vocab_size()
@@ -121,6 +127,10 @@ def paper_activation_bytes(s: int, b: int, h: int, a: int, t: int,
     ``sbh(10 + 24/t + 5as/(ht))`` with tensor parallelism, ``sbh(34/t + 5as/(ht))`` with
     sequence parallelism too (s tokens, b sequences, h hidden, a heads, t ranks).
     """
+    for name, v in (("s", s), ("b", b), ("h", h), ("a", a), ("t", t)):
+        require_arg(name, v, is_int(v) and v >= 1, "an int >= 1")
+    require_arg("sequence_parallel", sequence_parallel, isinstance(sequence_parallel, bool),
+                "True or False")
     attention = 5 * a * s / (h * t)
     return s * b * h * ((34 / t if sequence_parallel else 10 + 24 / t) + attention)
 

@@ -62,6 +62,8 @@ def compare(workload: Workload = TINY, world_size: int = 2, sequence_parallel: b
     Example: ``compare(world_size=2)["max_abs_diff"]`` -> about 1e-7.
     """
     from distlab.launcher import launch
+    require_arg("workload", workload, isinstance(workload, Workload)
+                and workload.model == "transformer", "a Workload with model='transformer'")
     require_arg("world_size", world_size, is_int(world_size) and 1 <= world_size <= 16,
                 "an int in 1..16")
     require_arg("sequence_parallel", sequence_parallel, isinstance(sequence_parallel, bool),

@@ -89,7 +89,8 @@ class ExpertParallelConfig:
         require(self, "lr", is_number(self.lr) and self.lr > 0, "a number > 0")
         require(self, "aux_loss_weight", is_number(self.aux_loss_weight)
                 and self.aux_loss_weight >= 0, "a number >= 0")
-        require(self, "all_to_all", self.all_to_all in ALL_TO_ALLS,
+        require(self, "all_to_all", isinstance(self.all_to_all, str)
+                and self.all_to_all in ALL_TO_ALLS,
                 f"one of {list(ALL_TO_ALLS)}")
 
 
@@ -113,10 +114,7 @@ def train(config: ExpertParallelConfig, group=None) -> dict:
         out = layer(X)
         loss = objective(out, X, y, config)
         loss.backward()
-        average_gradients(layer.router.parameters(), group)
-        for param in layer.experts.parameters():
-            if param.grad is not None:   # the sum over ranks of means over T: one mean over pT
-                param.grad.div_(p)
+        layer.finish_gradient_synchronization()
         optimizer.step()
         optimizer.zero_grad()
         total = loss.detach().clone()
@@ -172,6 +170,9 @@ class ExpertParallelMoE(nn.Module):
 
     def __init__(self, moe: MoE, group=None, all_to_all: str = "pairwise"):
         super().__init__()
+        if not isinstance(moe, MoE):
+            raise TypeError(f"moe must be a distlab.model_parallel.experts.MoE, got "
+                            f"{type(moe).__name__}")
         p, rank = dist.get_world_size(group), dist.get_rank(group)
         E = moe.num_experts
         check_moe(E, moe.top_k, moe.capacity_factor)
@@ -203,6 +204,19 @@ class ExpertParallelMoE(nn.Module):
         gated = r.gates[token, choice, None] * back[place]             # (kept choices, d)
         output = x.new_zeros(T, d).index_add(0, token, gated)
         return MoEOutput(output, load_balancing_loss(r), r.experts, r.kept)
+
+    def finish_gradient_synchronization(self) -> None:
+        """After backward: average the router's gradients over the group (each rank's
+        covers its own tokens), and divide the experts' by p (each already sums, through
+        the combine's reverse all-to-all, every rank's mean over its T tokens: one mean
+        over pT). An expert no token reached has a zero gradient, never None, so an
+        optimizer steps it as the single-process layer does. Cost: one all-reduce of the
+        router's gradients (:func:`distlab.data_parallel.ddp.average_gradients`)."""
+        average_gradients(self.router.parameters(), self.group)
+        p = dist.get_world_size(self.group)
+        for param in self.experts.parameters():
+            if param.requires_grad:
+                param.grad.div_(p)
 
     def buffer_bytes(self, tokens: int, d_model: int) -> int:
         """Bytes one all-to-all sends from each rank for ``tokens`` tokens: E·C·d floats."""

@@ -47,6 +47,8 @@ class MoE(nn.Module):
     def __init__(self, d_model: int, expert_hidden: int, num_experts: int, top_k: int = 1,
                  capacity_factor: float = 1.25):
         super().__init__()
+        for name, v in (("d_model", d_model), ("expert_hidden", expert_hidden)):
+            require_arg(name, v, is_int(v) and v >= 1, "an int >= 1")
         check_moe(num_experts, top_k, capacity_factor)
         self.top_k, self.capacity_factor = top_k, capacity_factor
         self.router = nn.Linear(d_model, num_experts, bias=False)
@@ -67,10 +69,10 @@ class MoE(nn.Module):
             r = route(self.router(xg), self.top_k, self.capacity_factor)
             out = xg.new_zeros(xg.shape)
             for e, expert in enumerate(self.experts):
+                # Each token alone through its expert: no buffers here. An expert no token
+                # reached runs on none, so its gradient is zero, not None (as on p ranks).
                 token, choice = ((r.experts == e) & r.kept).nonzero(as_tuple=True)
-                if len(token):   # each token alone through its expert: no buffers here
-                    out = out.index_add(0, token, r.gates[token, choice, None]
-                                        * expert(xg[token]))
+                out = out.index_add(0, token, r.gates[token, choice, None] * expert(xg[token]))
             outputs.append(out)
             auxes.append(load_balancing_loss(r))
             routings.append(r)
@@ -130,6 +132,8 @@ def route(logits: torch.Tensor, top_k: int, capacity_factor: float) -> Routing:
 
 def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
     """Places per expert for a group of ``num_tokens``: ``ceil(cf · T · k / E)``."""
+    require_arg("num_tokens", num_tokens, is_int(num_tokens) and num_tokens >= 0, "an int >= 0")
+    check_moe(num_experts, top_k, capacity_factor)
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
 
 

@@ -64,6 +64,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None
         (B, H, T/p, d): attention output for this rank's queries; differentiable in q, k, v.
     """
     require_arg("layout", layout, layout in LAYOUTS, f"one of {LAYOUTS}")
+    require_arg("causal", causal, isinstance(causal, bool), "True or False")
     if not (q.shape == k.shape == v.shape and q.dim() == 4):
         raise ValueError(f"q, k and v must be this rank's (B, H, T/p, d) shards of one shape; "
                          f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -72,7 +73,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None
         raise ValueError(f"layout={layout!r} cuts each shard into {chunks} chunks: a shard of "
                          f"{q.shape[2]} tokens does not split; use a sequence length "
                          f"divisible by {chunks} x world size")
-    return _RingAttention.apply(q, k, v, group, bool(causal), layout)
+    return _RingAttention.apply(q, k, v, group, causal, layout)
 
 
 def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -95,6 +96,7 @@ def chunk_ids(rank: int, world_size: int, layout: str = "contiguous") -> list[in
     ``"contiguous"``: p chunks, rank r holds chunk r. ``"zigzag"``: 2p chunks, rank r holds
     chunks r and 2p-1-r, one early and one late, so causal work is balanced.
     """
+    _check_ranks(world_size, layout, rank)
     return [rank] if layout == "contiguous" else [rank, 2 * world_size - 1 - rank]
 
 
@@ -130,6 +132,7 @@ def work_per_rank(world_size: int, causal: bool, layout: str = "contiguous") -> 
     (2p + 1)/(4p), just over half. Non-causal: 1 everywhere.
     """
     _check_ranks(world_size, layout)
+    require_arg("causal", causal, isinstance(causal, bool), "True or False")
     p, n = world_size, 2                       # a shard of 2 tokens: zigzag chunks of 1
     return [sum((qs.stop - qs.start) * (ks.stop - ks.start)
                 for s in range(p) for qs, ks, _ in _pairs(r, s, p, n, causal, layout))

@@ -56,7 +56,7 @@ from distlab.memory.measure import measure_step
 from distlab.metrics import report
 from distlab.model_parallel.tensor_parallel import (ParallelMLP, ParallelSelfAttention,
                                                     TensorParallelConfig, shard_transformer)
-from distlab.problems.transformer import attend
+from distlab.problems.transformer import TinyTransformer, attend
 from distlab.problems.workloads import Workload, train_reference
 
 TINY = Workload(model="transformer", hidden=16, depth=2, num_heads=4, block_size=8,
@@ -250,6 +250,11 @@ class SequenceParallelBlock(nn.Module):
     @classmethod
     def from_block(cls, block: nn.Module, group=None, regather: bool = False):
         """Shard a :class:`distlab.problems.transformer.Block` over ``group``."""
+        buffers = [name for name, _ in block.named_buffers()]   # rebuilt layers lose them
+        if buffers:
+            raise ValueError(f"block holds the buffer {buffers[0]!r}, which the sequence-"
+                             "parallel block does not carry; keep buffers in the embedding "
+                             "or the head")
         mlp = block.mlp
         return cls(copy.deepcopy(block.ln1),
                    ParallelSelfAttention.from_attention(block.attn, group), copy.deepcopy(block.ln2),
@@ -283,8 +288,14 @@ class SequenceParallelTransformer(nn.Sequential):
 
     @classmethod
     def from_transformer(cls, model: nn.Module, group=None, regather: bool = False):
+        if not isinstance(model, TinyTransformer):
+            raise TypeError("model must be a distlab.problems.transformer.TinyTransformer, "
+                            f"got {type(model).__name__}")
         blocks = [SequenceParallelBlock.from_block(b, group, regather) for b in model.blocks()]
-        return cls(copy.deepcopy(model[0]), *blocks, copy.deepcopy(model[-1]), group=group)
+        # One deepcopy of both ends keeps a head tied to the embedding tied: its gradient
+        # then sums both uses, as in the unsplit model.
+        embedding, head = copy.deepcopy((model[0], model[-1]))
+        return cls(embedding, *blocks, head, group=group)
 
     def tokens(self, T: int) -> slice:
         """This rank's positions of a length-T sequence."""

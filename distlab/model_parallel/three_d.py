@@ -230,6 +230,8 @@ def mesh_table(config: ThreeDConfig) -> MeshTable:
     Example: ``mesh_table(ThreeDConfig(dp=2, tp=2, pp=2)).rows[5]`` is rank 5 at dp 0,
     tp 1, pp 1, in tp row [4, 5], dp column [5, 7] and pp line [1, 5].
     """
+    if not isinstance(config, ThreeDConfig):
+        raise TypeError(f"config must be a ThreeDConfig, got {type(config).__name__}")
     groups, rows = config.groups(), []
     for rank in range(config.world_size):
         d, t, s = config.coordinates(rank)

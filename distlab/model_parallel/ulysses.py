@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from distlab.checks import require_arg
+from distlab.checks import is_int, require_arg
 from distlab.communication.all_to_all import ALL_TO_ALLS
 from distlab.model_parallel.ring_attention import full_attention
 
@@ -49,6 +49,8 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=N
 
 def check_heads(num_heads: int, world_size: int) -> None:
     """Raise ValueError unless the heads split evenly over the ranks."""
+    for name, v in (("num_heads", num_heads), ("world_size", world_size)):
+        require_arg(name, v, is_int(v) and v >= 1, "an int >= 1")
     if num_heads % world_size:
         raise ValueError(f"num_heads={num_heads} is not divisible by the context-parallel "
                          f"degree {world_size}: Ulysses gives every rank H/p whole heads; "
