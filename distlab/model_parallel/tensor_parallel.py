@@ -322,7 +322,12 @@ def shard_transformer(model: nn.Module, group=None) -> nn.Module:
     replicated (they are small, and their inputs are whole on every rank).
     """
     out = copy.deepcopy(model)
-    for block in out.blocks():
+    for i, block in enumerate(out.blocks()):
+        lost = [n for part in ("attn", "mlp") for n, _ in getattr(block, part).named_buffers()]
+        if lost:      # the parallel layers are rebuilt from the weights alone
+            raise ValueError(f"block {i} holds the buffer {lost[0]!r} inside attention or the "
+                             "MLP, which the tensor-parallel layers do not carry; keep "
+                             "buffers in the embedding, the norms or the head, or use tp=1")
         mlp = block.mlp
         block.attn = ParallelSelfAttention.from_attention(block.attn, group)
         block.mlp = ParallelMLP.from_modules(mlp.fc1, mlp.act, mlp.fc2, group)

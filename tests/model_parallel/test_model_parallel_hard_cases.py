@@ -273,3 +273,11 @@ def test_a_linear_workload_is_refused_where_there_is_nothing_to_split():
         MeshConfig(Workload(model="linear"), dp=1, tp=2)
     with pytest.raises(ValueError, match="PipelineConfig.workload=.*'linear' is one layer"):
         PipelineConfig(Workload(model="linear"), num_stages=2)
+
+
+def test_tensor_parallel_refuses_a_buffer_its_rebuilt_layers_would_lose():
+    model = TinyTransformer(vocab_size=5, d_model=8, num_heads=2, num_layers=1, block_size=4)
+    model.blocks()[0].attn.register_buffer("mask", torch.ones(4, 4))
+    with pytest.raises(ValueError, match=r"block 0 holds the buffer 'mask' inside attention "
+                                         r"or the MLP.*or use tp=1"):
+        shard_transformer(model)
