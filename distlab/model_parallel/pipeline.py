@@ -28,7 +28,8 @@ batch, so a stage holding one is refused unless ``m = 1``.
 
 Cost (alpha-beta): per microbatch, each stage boundary sends the activation (mb x width
 values) forward and its gradient back, each after a small header that carries its dtype
-and shape: 2(p - 1) m messages of alpha + n beta per step (2(p v - 1) m interleaved).
+and shape: 2(p - 1) m transfers per step (2(p v - 1) m interleaved), each two messages: a
+header of alpha + 64 beta and the tensor of alpha + n beta.
 Sends are ``isend`` s, receives blocking ``recv`` s, each tagged with its microbatch, virtual
 stage and direction: sends never wait and no message is taken for another, so no schedule
 whose order of work respects its dependencies can deadlock.

@@ -29,8 +29,8 @@ and the head on the last, each block tensor-parallel over the stage's tp row.
 Cost per step (alpha-beta, ring collectives, b = batch/(dp·m) sequences of T tokens of
 width C per microbatch, Ψ parameters): tensor parallel, 4 all-reduces of b·T·C values over
 ``tp`` ranks per block and microbatch (2 forward, 2 backward); pipeline, per microbatch and
-stage boundary one activation of b·T·C values forward and its gradient back (2m messages
-of alpha + n beta); data parallel, one all-reduce of the stage shard's Ψ/(tp·pp) gradients
+stage boundary one activation of b·T·C values forward and its gradient back, each a small
+header then the tensor (2m transfers, 4m messages of alpha + n beta); data parallel, one all-reduce of the stage shard's Ψ/(tp·pp) gradients
 over ``dp`` ranks.
 """
 from __future__ import annotations

@@ -9,8 +9,11 @@ the pace of its slowest hop, ``inter``.
 
 :meth:`Cluster.this_machine` describes the machine the labs run on: its ranks as devices,
 the α and β of :mod:`distlab.communication.cost_model`'s fit, and, when ranks outnumber the
-cores, the oversubscribed latency ``alpha + gamma·max(0, p/c - 1)``
-(:func:`distlab.communication.alpha_beta.oversubscribed_alpha`) and compute shared ``c/p``.
+cores, the oversubscribed latency ``alpha + gamma·max(0, p/c - 1)`` and time per byte
+``beta + delta·max(0, p/c - 1)``
+(:func:`distlab.communication.alpha_beta.oversubscribed_alpha` and
+:func:`~distlab.communication.alpha_beta.oversubscribed_beta`) and compute, FLOPs and fixed
+overheads alike, shared ``c/p``.
 
 A :class:`ModelSpec` is a GPT-like transformer: ``num_params`` by the usual rule
 ``12·L·h² + V·h`` (per block 4h² in attention's four projections and 8h² in the MLP's two
@@ -35,10 +38,16 @@ class Device:
     """Memory the rank may fill, in bytes."""
     flops: float
     """Sustained FLOP/s on the model's matrix products (not the datasheet's peak)."""
+    overhead: float = 0.0
+    """Seconds of one forward and backward of the whole model that do not grow with the
+    batch (Python, autograd, kernel launches: per operation, not per FLOP); 0 for a large
+    model, where they vanish beside the FLOPs, most of a tiny one's time."""
 
     def __post_init__(self):
         require(self, "memory_bytes", _positive(self.memory_bytes), "a number of bytes > 0")
         require(self, "flops", _positive(self.flops), "FLOP/s > 0")
+        require(self, "overhead", is_number(self.overhead) and self.overhead >= 0,
+                "seconds >= 0")
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,8 @@ class Cluster:
     """``(alpha, beta)`` across nodes."""
     gamma: float = 0.0
     """Seconds added to each message per rank waiting for a core (this machine only)."""
+    delta: float = 0.0
+    """Seconds added to each byte per rank waiting for a core (this machine only)."""
     cores: int | None = None
     """Cores the ranks share; None: every device computes on its own (a real cluster)."""
 
@@ -75,34 +86,44 @@ class Cluster:
             require(self, name, isinstance(link, tuple) and len(link) == 2
                     and all(is_number(v) and v >= 0 for v in link),
                     "(alpha, beta): seconds per message and per byte, both >= 0")
-        require(self, "gamma", is_number(self.gamma) and self.gamma >= 0, "seconds >= 0")
+        for name in ("gamma", "delta"):
+            require(self, name, is_number(getattr(self, name)) and getattr(self, name) >= 0,
+                    "seconds >= 0")
         require(self, "cores", self.cores is None or (is_int(self.cores) and self.cores >= 1),
                 "None or an int >= 1")
 
     @classmethod
     def this_machine(cls, num_ranks: int, *, flops: float, fit=None, alpha: float | None = None,
-                     beta: float | None = None, gamma: float = 0.0, cores: int | None = None,
-                     memory_bytes: float | None = None) -> "Cluster":
-        """``num_ranks`` ranks of this machine, one node: α, β (and γ) from ``fit`` (a
-        :class:`distlab.communication.cost_model.Fit`) or given, the cores of
+                     beta: float | None = None, gamma: float | None = None,
+                     delta: float | None = None, cores: int | None = None,
+                     memory_bytes: float | None = None, overhead: float = 0.0) -> "Cluster":
+        """``num_ranks`` ranks of this machine, one node: α, β, γ and δ from ``fit`` (a
+        :class:`distlab.communication.cost_model.Fit`) or given (γ or δ given beside a fit
+        replace its own), the cores of
         :func:`~distlab.communication.alpha_beta.machine_cores` unless ``cores``, and the
         machine's memory split over the ranks unless ``memory_bytes``.
 
-        ``flops`` is one rank's sustained FLOP/s (:func:`distlab.planning.validate.measure_flops`
-        measures it). Example: ``Cluster.this_machine(2, flops=2e9, alpha=50e-6, beta=1e-9)``.
+        ``flops`` is one rank's sustained FLOP/s and ``overhead`` its fixed seconds per
+        pass of the model (:func:`distlab.planning.validate.measure_compute` measures both;
+        a busy machine's γ: :func:`distlab.planning.validate.crowded_gamma`).
+        Example: ``Cluster.this_machine(2, flops=2e9, alpha=50e-6, beta=1e-9)``.
         """
         require_arg("num_ranks", num_ranks, is_int(num_ranks) and num_ranks >= 1, "an int >= 1")
         require_arg("fit", fit, fit is None or (alpha is None and beta is None),
                     "None when alpha and beta are given")
         if fit is not None:
-            alpha, beta, gamma = fit.alpha, fit.beta, fit.gamma
+            alpha, beta = fit.alpha, fit.beta
+            gamma = fit.gamma if gamma is None else gamma
+            delta = getattr(fit, "delta", 0.0) if delta is None else delta
+        gamma, delta = gamma or 0.0, delta or 0.0
         require_arg("alpha", alpha, is_number(alpha) and alpha >= 0, "seconds >= 0 (or a fit)")
         require_arg("beta", beta, is_number(beta) and beta >= 0, "seconds >= 0 (or a fit)")
         cores = alpha_beta.machine_cores() if cores is None else cores
         if memory_bytes is None:
             memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / num_ranks
-        return cls((num_ranks, Device(memory_bytes, flops)), devices_per_node=num_ranks,
-                   intra=(alpha, beta), inter=(alpha, beta), gamma=gamma, cores=cores)
+        return cls((num_ranks, Device(memory_bytes, flops, overhead)),
+                   devices_per_node=num_ranks, intra=(alpha, beta), inter=(alpha, beta),
+                   gamma=gamma, delta=delta, cores=cores)
 
     @property
     def num_devices(self) -> int:
@@ -113,17 +134,27 @@ class Cluster:
         cores (each core runs its ranks in turn)."""
         require_arg("rank", rank, is_int(rank) and 0 <= rank < self.num_devices,
                     f"an int in 0..{self.num_devices - 1}")
-        share = 1.0 if self.cores is None else min(1.0, self.cores / self.num_devices)
-        return self.devices[rank].flops * share
+        return self.devices[rank].flops * self._core_share()
+
+    def rank_overhead(self, rank: int) -> float:
+        """``rank``'s fixed seconds per pass of the whole model: its device's, over the
+        ``c/p`` share of a core it gets (each core runs its ranks in turn)."""
+        require_arg("rank", rank, is_int(rank) and 0 <= rank < self.num_devices,
+                    f"an int in 0..{self.num_devices - 1}")
+        return self.devices[rank].overhead / self._core_share()
+
+    def _core_share(self) -> float:
+        return 1.0 if self.cores is None else min(1.0, self.cores / self.num_devices)
 
     def link(self, size: int, stride: int) -> tuple[float, float]:
         """``(alpha, beta)`` for a group of ``size`` ranks ``stride`` apart: ``intra`` when
         it fits in one node (``size·stride <= devices_per_node``), else ``inter``; α crowded
-        by γ when the cluster's ranks outnumber its cores."""
+        by γ and β by δ when the cluster's ranks outnumber its cores."""
         alpha, beta = self.intra if size * stride <= self.devices_per_node else self.inter
         if self.cores is not None:
-            alpha = alpha_beta.oversubscribed_alpha(alpha, self.gamma, self.num_devices,
-                                                    self.cores)
+            p, c = self.num_devices, self.cores
+            alpha = alpha_beta.oversubscribed_alpha(alpha, self.gamma, p, c)
+            beta = alpha_beta.oversubscribed_beta(beta, self.delta, p, c)
         return alpha, beta
 
 

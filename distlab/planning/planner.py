@@ -18,20 +18,30 @@ keeps in flight, ``min(m, pp)``.
 
 * compute ``6·Ψ·tokens / flops`` (forward 2Ψ, backward 4Ψ FLOPs per token; Kaplan et al.
   2020, section 2.1) for the replica's tokens, split ``tp·pp`` ways, on the slowest rank;
-* the pipeline bubble: compute stretched by ``(m+p-1)/m``, i.e. idle a fraction
+* a fixed cost per pass: each microbatch's forward and backward through the stage's layers
+  pays the device's ``overhead`` (the whole model's per-operation cost, Python, autograd
+  and kernel launches, that does not grow with the batch;
+  :class:`~distlab.planning.cluster.Device`) times the stage's share ``1/pp`` of the
+  layers, on every tp rank alike;
+* the pipeline bubble: each microbatch's work on a stage (its compute and its
+  tensor-parallel all-reduces) stretched by ``(m+p-1)/m``, i.e. idle a fraction
   ``(p-1)/(m+p-1)`` (Narayanan et al. 2021, eq. 1);
 * tensor parallel: 4 ring all-reduces per layer and microbatch (2 forward, 2 backward;
-  Shoeybi et al. 2019, section 3) of ``b·s·h`` values over ``tp`` ranks;
-* pipeline: per microbatch each stage sends one activation forward and one gradient back
-  (``2m`` messages of ``b·s·h`` values);
+  Shoeybi et al. 2019, section 3) of ``b·s·h`` values over ``tp`` ranks
+  (:func:`tensor_parallel_all_reduces`);
+* pipeline: per microbatch each stage sends one activation forward and one gradient back,
+  each as :mod:`distlab.model_parallel.pipeline` sends it: a header of ``HEADER`` int64s
+  (dtype and shape), then the ``b·s·h`` values (``4m`` messages per stage,
+  :func:`pipeline_messages` along a pp line);
 * data parallel, once per step over ``dp`` ranks on the gradients of ``Ψ/(tp·pp)`` values:
   a ring all-reduce (ZeRO 0, 1), a reduce-scatter plus an all-gather of the parameters
   (ZeRO 2: the same volume), or a reduce-scatter plus an all-gather before each
   microbatch's forward and backward (ZeRO 3: 1.5x the volume at m = 1; ZeRO paper 7.2).
 
-Every collective's time is :mod:`distlab.communication.alpha_beta`'s ``a·alpha + b·beta``
-on the link its group uses (:meth:`Cluster.link`): ranks are laid out tp fastest, then dp,
-then pp (Megatron's order), so a tp group fits in a node when ``tp <= devices_per_node``.
+Every message's time is :mod:`distlab.communication.alpha_beta`'s ``a·alpha + b·beta``
+on the link its group uses (:meth:`Cluster.link`, crowded when ranks outnumber cores):
+ranks are laid out tp fastest, then dp, then pp (Megatron's order), so a tp group fits in
+a node when ``tp <= devices_per_node``.
 
 **Heterogeneous devices.** With ``heterogeneous=True`` each data-parallel replica gets a
 share of the batch in proportion to its speed (its slowest rank's FLOP/s;
@@ -48,12 +58,14 @@ from distlab.checks import is_int, require, require_arg
 from distlab.communication import alpha_beta
 from distlab.heterogeneous.speeds import equal_batches, proportional_batches
 from distlab.memory.activations import activation_bytes
-from distlab.model_parallel.pipeline import bubble_fraction
+from distlab.model_parallel.pipeline import HEADER, bubble_fraction
 from distlab.planning.cluster import Cluster, ModelSpec
 from distlab.sharding import memory
 
 MEMORY_PARTS = ("params", "grads", "optimizer_state", "activations")
 TIME_PARTS = ("compute", "bubble", "tensor_parallel", "pipeline", "data_parallel")
+HEADER_BYTES = HEADER * 8
+"""Bytes of the header :mod:`distlab.model_parallel.pipeline` sends before each tensor."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +197,25 @@ def predict(plan: Plan, model: ModelSpec, cluster: Cluster,
                       min(d.memory_bytes for d in cluster.devices), tuple(shares))
 
 
+def pipeline_messages(plan: Plan) -> int:
+    """Point-to-point messages one step sends along one pp line: per microbatch and stage
+    boundary a header and the activation forward, a header and its gradient back,
+    ``4·(pp-1)·m`` (received as many)."""
+    require_arg("plan", plan, isinstance(plan, Plan), "a Plan")
+    return 4 * (plan.pp - 1) * plan.microbatches
+
+
+def tensor_parallel_all_reduces(plan: Plan, model: ModelSpec) -> int:
+    """All-reduces one step issues on a rank of the fullest stage's tp row: 4 per block and
+    microbatch (the attention's and the MLP's row-parallel output forward, their
+    column-parallel input's gradient backward), ``4·ceil(L/pp)·m``; 0 at tp = 1."""
+    require_arg("plan", plan, isinstance(plan, Plan), "a Plan")
+    require_arg("model", model, isinstance(model, ModelSpec), "a ModelSpec")
+    if plan.tp == 1:
+        return 0
+    return 4 * math.ceil(model.num_layers / plan.pp) * plan.microbatches
+
+
 # -- memory -------------------------------------------------------------------------------
 
 def model_states(num_params: float, plan: Plan, optimizer: str = "adam",
@@ -225,14 +256,18 @@ def _replica_seconds(plan: Plan, model: ModelSpec, cluster: Cluster, dp_rank: in
                      batch: int) -> dict[str, float]:
     """One step of replica ``dp_rank`` with ``batch`` sequences, by ``TIME_PARTS``."""
     m, tp, pp, dp = plan.microbatches, plan.tp, plan.pp, plan.dp
-    flops = min(cluster.rank_flops(r) for r in _replica_ranks(plan, dp_rank))
-    compute = 6 * model.num_params * batch * model.seq_len / (tp * pp * flops)
+    ranks = _replica_ranks(plan, dp_rank)
+    flops = min(cluster.rank_flops(r) for r in ranks)
+    compute = (6 * model.num_params * batch * model.seq_len / (tp * pp * flops)
+               + m / pp * max(cluster.rank_overhead(r) for r in ranks))
     activation = batch / m * model.seq_len * model.hidden * model.bytes_per_value
-    layers = math.ceil(model.num_layers / pp)
-    tensor = 4 * layers * m * _time(alpha_beta.ring_all_reduce(activation, tp),
-                                    cluster.link(tp, 1)) if tp > 1 else 0.0
-    pipeline = 2 * m * _time(alpha_beta.send(activation),
-                             cluster.link(pp, tp * dp)) if pp > 1 else 0.0
+    tensor = tensor_parallel_all_reduces(plan, model) * _time(
+        alpha_beta.ring_all_reduce(activation, tp), cluster.link(tp, 1))
+    # A middle stage sends m activations forward and m gradients back, each a header and
+    # the tensor (a receive is its sender's message: counted once, on the sender).
+    link = cluster.link(pp, tp * dp)
+    pipeline = 2 * m * (_time(alpha_beta.send(HEADER_BYTES), link)
+                        + _time(alpha_beta.send(activation), link)) if pp > 1 else 0.0
     grads = model.num_params / (tp * pp) * model.bytes_per_value
     link = cluster.link(dp, tp)
     if dp == 1:
@@ -243,8 +278,10 @@ def _replica_seconds(plan: Plan, model: ModelSpec, cluster: Cluster, dp_rank: in
         gathers = 1 if plan.zero_stage == 2 else 2 * m
         data = (_time(alpha_beta.ring_reduce_scatter(grads, dp), link)
                 + gathers * _time(alpha_beta.ring_all_gather(grads, dp), link))
-    idle = bubble_fraction(pp, m)           # of the step: compute is the other 1 - idle
-    return {"compute": compute, "bubble": compute * idle / (1 - idle),
+    # Of the step the pipeline idles a fraction `idle`: a stage waits for its neighbours'
+    # microbatches, each as long as its own, tensor-parallel all-reduces included.
+    idle = bubble_fraction(pp, m)
+    return {"compute": compute, "bubble": (compute + tensor) * idle / (1 - idle),
             "tensor_parallel": tensor, "pipeline": pipeline, "data_parallel": data}
 
 

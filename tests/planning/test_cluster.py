@@ -1,5 +1,6 @@
 import pytest
 
+from distlab.communication.cost_model import Fit
 from distlab.planning.cluster import Cluster, Device, ModelSpec
 
 
@@ -50,3 +51,17 @@ def test_model_spec_counts_parameters_by_the_12_L_h2_rule():
 def test_model_spec_refuses_heads_that_do_not_divide_hidden():
     with pytest.raises(ValueError, match="num_heads"):
         ModelSpec(2, 30, 4, 16, 65, 8)
+
+
+def test_this_machine_crowds_the_bytes_by_delta_and_a_given_gamma_replaces_the_fits():
+    fit = Fit("gloo", 1e-4, 1e-9, 0.05, 0.1, 6, gamma=2e-4, cores=2, delta=3e-9)
+    c = Cluster.this_machine(6, flops=1e9, fit=fit, gamma=5e-4, cores=2, memory_bytes=1e9)
+    assert c.link(6, 1) == pytest.approx((1e-4 + 5e-4 * 2.0, 1e-9 + 3e-9 * 2.0))  # p/c - 1 = 2
+    assert Cluster.this_machine(6, flops=1e9, fit=fit, cores=2).gamma == 2e-4
+
+
+def test_a_ranks_fixed_overhead_grows_as_its_share_of_a_core_shrinks():
+    c = Cluster.this_machine(4, flops=1e9, alpha=0.0, beta=0.0, cores=2, overhead=1e-3)
+    assert c.rank_overhead(3) == pytest.approx(2e-3)
+    with pytest.raises(ValueError, match="overhead"):
+        Device(1e9, 1e9, overhead=-1.0)

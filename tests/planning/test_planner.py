@@ -1,8 +1,13 @@
 import pytest
 
+import distlab
 from distlab.memory.activations import activation_bytes
+from distlab.model_parallel import three_d
+from distlab.model_parallel.three_d import ThreeDConfig
 from distlab.planning.cluster import Cluster, Device, ModelSpec
-from distlab.planning.planner import Plan, enumerate_plans, predict, rank_plans
+from distlab.planning.planner import (HEADER_BYTES, Plan, enumerate_plans, pipeline_messages,
+                                      predict, rank_plans, tensor_parallel_all_reduces)
+from distlab.problems.workloads import Workload
 from distlab.sharding.memory import predicted_bytes
 
 MODEL = ModelSpec(num_layers=4, hidden=256, num_heads=8, seq_len=128, vocab=1000,
@@ -98,3 +103,39 @@ def test_predict_refuses_a_plan_for_another_number_of_devices():
 def test_plan_refuses_zero_stage_4():
     with pytest.raises(ValueError, match="zero_stage"):
         Plan(zero_stage=4)
+
+
+def test_a_pipeline_transfer_costs_a_header_and_the_tensor_each_way():
+    latency_only = cluster(8, intra=(1e-3, 0.0), inter=(1e-3, 0.0))
+    t = predict(Plan(dp=2, pp=4, microbatches=4), MODEL, latency_only).step_time
+    assert t["pipeline"] == pytest.approx(2 * 4 * 2 * 1e-3)    # 2m transfers, 2 messages each
+
+
+def test_pipeline_and_tensor_parallel_messages_are_those_a_real_run_sends():
+    lm = Workload("transformer", hidden=16, num_heads=4, depth=2, block_size=8, batch_size=8,
+                  num_steps=1).loaded()
+    pipe, tensor = ThreeDConfig(lm, 1, 1, 2, 2), ThreeDConfig(lm, 1, 2, 1, 2)
+    results = distlab.launch(three_d.sweep, 2, [pipe, tensor], timeout=120)
+    spec = ModelSpec.from_workload(lm)
+    plan = Plan(pp=2, microbatches=2)
+    sent = [r[0]["by_op"]["send"] for r in results]
+    assert sum(s["calls"] for s in sent) == pipeline_messages(plan) == 8
+    assert sum(r[0]["by_op"]["recv"]["calls"] for r in results) == pipeline_messages(plan)
+    activation = 8 // 2 * 8 * 16 * 4            # one microbatch's (b, T, C) in fp32
+    assert sum(s["bytes_sent"] for s in sent) == 2 * 2 * (HEADER_BYTES + activation)
+    expected = tensor_parallel_all_reduces(Plan(tp=2, microbatches=2), spec)
+    calls = [r[1]["by_op"]["all_reduce"]["calls"] for r in results]
+    assert calls == [expected] * 2 == [16] * 2
+
+
+def test_a_fixed_overhead_is_paid_per_microbatch_on_each_stages_share_of_the_layers():
+    plain = predict(Plan(dp=2, pp=4, microbatches=4), MODEL, cluster(8)).step_time
+    slow = Cluster((8, Device(80e9, 1e14, overhead=1e-3)))
+    t = predict(Plan(dp=2, pp=4, microbatches=4), MODEL, slow).step_time
+    assert t["compute"] == pytest.approx(plain["compute"] + 4 / 4 * 1e-3)
+
+
+def test_the_bubble_stretches_the_tensor_parallel_all_reduces_with_the_compute():
+    t = predict(Plan(tp=2, pp=4, microbatches=8), MODEL, cluster(8)).step_time
+    assert t["tensor_parallel"] > 0
+    assert t["bubble"] / (t["compute"] + t["tensor_parallel"]) == pytest.approx(3 / 8)
