@@ -122,7 +122,7 @@ def peak_in_flight(work: list[Op]) -> int:
 
 def simulate(name: str, num_stages: int, num_microbatches: int,
              virtual_stages: int = 1) -> list[dict]:
-    """The schedule run with ideal timings (:data:`TIMES`, a chunk taking ``1/v`` of a stage,
+    """The schedule run with ideal timings (``TIMES``, a chunk taking ``1/v`` of a stage,
     messages free): per rank ``{"rank", "events"}`` as the workers return them, so
     :func:`distlab.model_parallel.timeline.measured_bubble` and the lab's Gantt chart read
     it. Raises RuntimeError if the orders deadlock (a rank waits for work that waits on it).

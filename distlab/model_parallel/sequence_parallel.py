@@ -23,8 +23,9 @@ together, exactly an all-reduce's (:func:`distlab.communication.alpha_beta.ring_
 Activations per layer fall from ``sbh(10 + 24/t + 5as/(ht))`` bytes to
 ``sbh(34/t + 5as/(ht))`` (the paper's equations 2 and 4, 16-bit, with dropout; section 4.2.2
 also re-gathers the column-parallel input in backward instead of storing it, which this
-module does when ``regather`` is set; :func:`distlab.model_parallel.crossover.
-saved_activation_bytes` counts what each variant stores).
+module does when ``regather`` is set;
+:func:`distlab.model_parallel.crossover.saved_activation_bytes` counts what each variant
+stores).
 
 One price: weights used inside a sequence region (LayerNorms, the row-parallel biases, and
 here the replicated embedding and head, which also run on the shard) see only this
@@ -235,8 +236,9 @@ class SequenceParallelBlock(nn.Module):
     """A pre-norm block on a (B, T/t, C) shard: LayerNorm and residual on this rank's tokens,
     attention and MLP tensor-parallel on all tokens (figure 5).
 
-    Holds the Megatron layers (:class:`~distlab.model_parallel.tensor_parallel.
-    ParallelSelfAttention`, :class:`~distlab.model_parallel.tensor_parallel.ParallelMLP`) for
+    Holds the Megatron layers
+    (:class:`~distlab.model_parallel.tensor_parallel.ParallelSelfAttention`,
+    :class:`~distlab.model_parallel.tensor_parallel.ParallelMLP`) for
     their weight shards, but calls their linears without ``f`` and ``g``: ``g`` and
     ``g-bar`` take their places.
     """
