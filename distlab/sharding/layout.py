@@ -59,16 +59,22 @@ class ShardLayout:
         start, stop = self.bounds(i, rank)
         return full.reshape(-1)[start:stop]
 
-    def pack_row(self, shards, dtype=None, device=None) -> torch.Tensor:
+    def pack_row(self, shards, dtype=None, device=None, out=None) -> torch.Tensor:
         """One rank's shards laid out as its row, zero padded: shape (row_len,).
 
         The row lives on ``device`` (default: the first shard's), so it can go to NCCL.
+        With ``out`` (a contiguous (row_len,) tensor, e.g. this rank's row of the
+        all-gather's output) the shards are written there and only the padding is zeroed:
+        no row is allocated, and the gather then has nothing to copy for this rank.
         """
-        row = torch.zeros(self.row_len, dtype=dtype or shards[0].dtype,
-                          device=device or shards[0].device)
-        for o, s in zip(self.offsets, shards):
-            row[o:o + s.numel()] = s
-        return row
+        if out is None:
+            out = torch.empty(self.row_len, dtype=dtype or shards[0].dtype,
+                              device=device or shards[0].device)
+        for o, c, s in zip(self.offsets, self.chunks, shards):
+            out[o:o + s.numel()] = s
+            if s.numel() < c:
+                out[o + s.numel():o + c].zero_()
+        return out
 
     def rows(self, i: int, full: torch.Tensor, dtype=None) -> torch.Tensor:
         """Tensor ``i`` padded and cut into every rank's chunk: shape (N, c), a fresh copy."""
@@ -88,12 +94,21 @@ class ShardLayout:
             out.append(flat[:n].view(shape))
         return out
 
-    def unpack_rows_into(self, rows: torch.Tensor, fulls) -> None:
-        """:meth:`unpack_rows` written straight into existing contiguous tensors: one copy."""
+    def unpack_rows_into(self, rows: torch.Tensor, fulls, skip: int | None = None) -> None:
+        """:meth:`unpack_rows` written straight into existing contiguous tensors: one copy.
+
+        Row ``skip`` is left out: a rank passes its own, whose values its tensors already
+        hold (its shards are views of them), so it copies (N-1)/N of the elements.
+        """
+        N = self.world_size
+        spans = [(0, N)] if skip is None else [(0, skip), (skip + 1, N)]
         for o, c, n, t in zip(self.offsets, self.chunks, self.numels, fulls):
-            flat, whole = t.view(-1), n // c if c else 0
-            flat[:whole * c].view(whole, c).copy_(rows[:whole, o:o + c])
-            if n > whole * c:
+            flat, whole = t.view(-1), n // c if c else 0   # rows [0, whole) are all data
+            for a, b in spans:
+                b = min(b, whole)
+                if a < b:
+                    flat[a * c:b * c].view(b - a, c).copy_(rows[a:b, o:o + c])
+            if n > whole * c and skip != whole:             # the last, partly padded row
                 flat[whole * c:].copy_(rows[whole, o:o + n - whole * c])
 
 
@@ -117,9 +132,28 @@ def reduce_scatter(rows: torch.Tensor, group=None) -> torch.Tensor:
     return ring_reduce_scatter(rows.view(-1), group, check=False)
 
 
-def all_gather_rows(row: torch.Tensor, group=None) -> torch.Tensor:
-    """Every rank's ``row`` (L,), stacked: (N, L). One ring all-gather, (N-1)/N·n bytes."""
+def all_gather_rows(row: torch.Tensor, group=None, out=None) -> torch.Tensor:
+    """Every rank's ``row`` (L,), stacked: (N, L). One ring all-gather, (N-1)/N·n bytes.
+
+    ``out`` (N, L), contiguous, receives the rows; when ``row`` is this rank's row of
+    ``out`` (as :func:`all_gather_shards` packs it) that row is not copied at all.
+    """
     N = dist.get_world_size(group)
-    out = row.new_empty(N * row.numel())
-    comm.all_gather_into_tensor(out, row.contiguous(), group=group)
+    if out is None:
+        out = row.new_empty(N, row.numel())
+    comm.all_gather_into_tensor(out.view(-1), row.contiguous(), group=group)
     return out.view(N, -1)
+
+
+def all_gather_shards(layout: ShardLayout, shards, group=None) -> torch.Tensor:
+    """Every rank's row of ``layout`` (N, row_len), this rank's packed from its ``shards``.
+
+    The shards are written straight into this rank's row of the gather's output, so the
+    only copies are that packing and, after the gather, the other rows' unpacking (no
+    temporary row, no copy of it into the output). Cost: one ring all-gather,
+    (N-1)·alpha + (N-1)/N·n·beta for n = N·row_len elements.
+    """
+    rows = shards[0].new_empty(layout.world_size, layout.row_len)    # (N, row_len)
+    mine = rows[dist.get_rank(group)]
+    layout.pack_row(shards, out=mine)
+    return all_gather_rows(mine, group, out=rows)

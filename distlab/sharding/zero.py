@@ -53,7 +53,7 @@ import torch.distributed as dist
 
 from distlab.data_parallel.ddp import average_gradients, grad_or_zeros
 from distlab.sharding import zero_checkpoint
-from distlab.sharding.layout import ShardLayout, all_gather_rows, reduce_scatter
+from distlab.sharding.layout import ShardLayout, all_gather_shards, reduce_scatter
 from distlab.sharding.zero_checkpoint import _hyper
 
 GRADIENT_MODES = ("averaged", "reduce_scatter", "sharded")
@@ -275,6 +275,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_shards_alias_params()
         for ours, local in zip(self.param_groups, self.optim.param_groups):
             local.update(_hyper(ours))     # an LR scheduler may have changed ours
         self.reduce_gradients()
@@ -285,9 +286,21 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 s.copy_(m)                 # the 16-bit shard, rounded from its master
                 m.grad = None
         for idx, layout in self._buckets:
-            rows = all_gather_rows(layout.pack_row([self._shards[i] for i in idx]), self.group)
-            layout.unpack_rows_into(rows, [self._params[i] for i in idx])
+            # This rank's row is packed into the gather's output; the parameters already
+            # hold it (the shards are views of them), so it is not unpacked either.
+            rows = all_gather_shards(layout, [self._shards[i] for i in idx], self.group)
+            layout.unpack_rows_into(rows, [self._params[i] for i in idx], skip=self.rank)
         return loss
+
+    def _check_shards_alias_params(self) -> None:
+        # The all-gather leaves this rank's own row out of the parameters because the
+        # shards are views of them; ``p.data = ...`` after construction breaks that.
+        for p, s in zip(self._params, self._shards):
+            if s.untyped_storage().data_ptr() != p.untyped_storage().data_ptr():
+                raise RuntimeError(f"a parameter of shape {tuple(p.shape)} no longer holds "
+                                   "this rank's shard (its .data was replaced after the "
+                                   "ShardedOptimizer was built, e.g. by model.to(device)): "
+                                   "build the optimizer after moving or casting the model")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)

@@ -32,3 +32,27 @@ def test_packed_rows_live_on_the_shards_device():
 def test_world_size_is_validated(world_size):
     with pytest.raises(ValueError, match=rf"world_size={world_size!r} .* an int >= 1"):
         ShardLayout([(3,)], world_size)
+
+
+def test_a_row_packed_into_the_gather_output_zeroes_only_its_padding():
+    layout = ShardLayout([(3, 5), (2,), (1,)], world_size=4)
+    tensors = [torch.randn(3, 5), torch.randn(2), torch.randn(1)]
+    rows = torch.full((4, layout.row_len), 7.0)                      # (N, row_len)
+    out = layout.pack_row([layout.shard(i, t, 1) for i, t in enumerate(tensors)], out=rows[1])
+    assert out.data_ptr() == rows[1].data_ptr()
+    torch.testing.assert_close(rows, torch.cat([torch.full((4, layout.row_len), 7.0)[:1],
+                                                layout.pack_rows(tensors)[1:2],
+                                                torch.full((2, layout.row_len), 7.0)]))
+
+
+def test_unpacking_rows_into_tensors_can_leave_one_rank_row_untouched():
+    layout = ShardLayout([(3, 5), (2,), (1,)], world_size=4)
+    tensors = [torch.randn(3, 5), torch.randn(2), torch.randn(1)]
+    rows = layout.pack_rows(tensors)
+    for skip in range(4):
+        into = [torch.full_like(t, 7.0) for t in tensors]
+        layout.unpack_rows_into(rows, into, skip=skip)
+        for i, (a, b) in enumerate(zip(into, tensors)):
+            want = b.clone()
+            layout.shard(i, want, skip).fill_(7.0)                    # row ``skip``: kept
+            torch.testing.assert_close(a, want)

@@ -246,3 +246,21 @@ def test_bad_gradient_mode_is_refused():
     with pytest.raises(ValueError, match="gradients='bogus'"):
         zero.ShardedOptimizer([nn.Parameter(torch.ones(2))], torch.optim.SGD,
                               gradients="bogus", lr=0.1)
+
+
+def _step_after_the_parameters_were_replaced():
+    net = nn.Linear(3, 2)
+    opt = zero.ShardedOptimizer(net.parameters(), torch.optim.SGD, lr=0.1)
+    net.weight.data = net.weight.data.clone()    # as model.to(device) does: new storage
+    net(torch.ones(4, 3)).sum().backward()
+    try:
+        opt.step()
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def test_a_step_refuses_parameters_whose_storage_was_replaced():
+    # The gather skips this rank's own row because its shards are views of the parameters.
+    for message in distlab.launch(_step_after_the_parameters_were_replaced, 2, timeout=60):
+        assert message and "build the optimizer after moving or casting" in message, message
