@@ -22,7 +22,7 @@ from distlab.course.grading import cells as nbcells
 
 pytest.importorskip("nbgrader")
 
-GRADE_TIMEOUT = 90          # seconds per notebook: the infinite loop costs this much
+GRADE_TIMEOUT = 45          # seconds per notebook: the infinite loop costs this much
 # (its file name sorts first, so that the other notebooks are graded meanwhile)
 
 SETUP = '''\
