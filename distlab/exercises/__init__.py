@@ -127,7 +127,7 @@ def launch_student(name: str, student_fn, worker: Callable, world_size: int, *ar
 
     if not callable(student_fn):
         return fail(f"{name} must be a function, got {type(student_fn).__name__}")
-    if _is_stub(student_fn):          # the released stub, untouched: no process needed
+    if is_stub(student_fn):          # the released stub, untouched: no process needed
         return fail(NOT_IMPLEMENTED.format(name=name))
     warm_up()          # the time limit is the student's: not the forkserver's start
     output = _OutputTail()
@@ -239,7 +239,7 @@ class _OutputTail:
         return "".join(parts)
 
 
-def _is_stub(fn) -> bool:
+def is_stub(fn) -> bool:
     """True for a function whose body (its docstring aside) is ``raise NotImplementedError()``."""
     if not inspect.isfunction(fn):
         return False

@@ -84,7 +84,7 @@ def configurations(num_steps: int = 4) -> list[ThreeDConfig]:
 
 def predict_step_time(config: ThreeDConfig, cluster: Cluster | None = None) -> float:
     """The planner's seconds per step for ``config`` on ``cluster`` (default: this
-    machine's ``world_size`` ranks, measured by :func:`machine`)."""
+    machine's ``world_size`` ranks, measured by :func:`clusters`)."""
     require_arg("config", config, isinstance(config, ThreeDConfig), "a ThreeDConfig")
     if cluster is None:
         cluster = clusters([config])[config.world_size]
@@ -115,14 +115,6 @@ def clusters(configs: list[ThreeDConfig], timeout: float = 300) -> dict[int, Clu
     fit, flops, overhead = _measure(configs, timeout)
     return {p: Cluster.this_machine(p, flops=flops, fit=fit, overhead=overhead)
             for p in sorted({c.world_size for c in configs})}
-
-
-def machine(configs: list[ThreeDConfig], timeout: float = 300):
-    """``(fit, flops)`` of this machine for ``configs`` (as :func:`clusters` measures it),
-    the FLOP/s with the fixed overhead folded in (a Cluster without ``overhead``)."""
-    fit, flops, overhead = _measure(configs, timeout)
-    work = validate.step_flops(configs[0].workload)
-    return fit, work / (overhead + work / flops)
 
 
 def _measure(configs: list[ThreeDConfig], timeout: float) -> tuple:
