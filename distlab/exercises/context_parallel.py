@@ -42,9 +42,9 @@ LIBRARY = ("distlab.model_parallel.ring_attention", "distlab.model_parallel.ulys
 COLLECTIVES = tuple(f"torch.distributed.{name}" for name in (
     "all_gather", "all_gather_into_tensor", "all_gather_object", "all_to_all",
     "all_to_all_single", "broadcast", "batch_isend_irecv"))
-"""Gathering the keys would skip the ring; batch_isend_irecv hangs on gloo."""
+"""Gathering the keys would skip the ring; batch_isend_irecv can hang on gloo."""
 WHY_A = "write the merge yourself, with torch"
-WHY_B = "pass k and v round the ring with dist.isend and dist.recv (batch_isend_irecv hangs)"
+WHY_B = "pass k and v round the ring with dist.isend and dist.recv (batch_isend_irecv can hang on gloo)"
 HANG_HINT = ("at each ring step every rank dist.isend()s its k and v to the NEXT rank, "
              "dist.recv()s from the PREVIOUS one, then waits for its sends; a blocking send "
              "first, or a receive from the wrong neighbour, deadlocks")
