@@ -44,7 +44,7 @@ COLLECTIVES = tuple(f"torch.distributed.{name}" for name in (
     "all_to_all_single", "broadcast", "batch_isend_irecv"))
 """Gathering the keys would skip the ring; batch_isend_irecv can hang on gloo."""
 WHY_A = "write the merge yourself, with torch"
-WHY_B = "pass k and v round the ring with dist.isend and dist.recv (batch_isend_irecv can hang on gloo)"
+WHY_B = "pass k and v round the ring with dist.isend and dist.recv (batch_isend_irecv can hang)"
 HANG_HINT = ("at each ring step every rank dist.isend()s its k and v to the NEXT rank, "
              "dist.recv()s from the PREVIOUS one, then waits for its sends; a blocking send "
              "first, or a receive from the wrong neighbour, deadlocks")
