@@ -5,14 +5,12 @@ Split from :mod:`distlab.course.lab09_memory_and_precision`, whose workload it m
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pandas as pd
 import torch
 import torch.distributed as dist
 
-from distlab import comm, launcher
-from distlab.course.lab09_memory_and_precision import StepConfig, transformer
+from distlab import comm
+from distlab.course.lab09_memory_and_precision import measured_rows
 from distlab.memory.measure import largest_unit_bytes, measure_step
 from distlab.problems import models
 from distlab.problems.workloads import Workload
@@ -28,12 +26,7 @@ def fsdp_16_bit_bytes(world_size: int = 2, workload: Workload | None = None) -> 
     model states (:func:`distlab.sharding.memory.measure`) beside ``predicted_bytes``, the
     gathered unit at forward's peak beside ``largest_unit_bytes``, the bytes sent and the
     step's peak. Rows: ``precision, rank, part, measured, predicted``."""
-    workload = workload or transformer(num_steps=1)
-    StepConfig(world_size=world_size, workload=replace(workload, num_steps=2))
-    rows = []
-    for per_rank in launcher.launch(_fsdp_16_bit_worker, world_size, workload.loaded()):
-        rows.extend(per_rank)
-    return pd.DataFrame(rows)
+    return measured_rows(_fsdp_16_bit_worker, world_size, workload)
 
 
 def _fsdp_16_bit_worker(wl: Workload) -> list[dict]:

@@ -217,12 +217,16 @@ def mixed_precision_bytes(world_size: int = 2, workload: Workload | None = None)
     and fp32 master weights (``ShardedOptimizer(..., master_weights=True)``), measured
     (:func:`distlab.sharding.memory.measure`) beside ``predicted_bytes``: 4 + 4 + 8 against
     2 + 2 + 12. Rows: ``precision, stage, rank, category, measured, predicted``."""
+    return measured_rows(_bytes_worker, world_size, workload)
+
+
+def measured_rows(worker, world_size: int, workload: Workload | None) -> pd.DataFrame:
+    """Every rank's rows of ``worker(workload)`` (default: the lab's transformer, one step),
+    one launch of ``world_size`` ranks, validated first as a panel run would be."""
     workload = workload or transformer(num_steps=1)
     StepConfig(world_size=world_size, workload=replace(workload, num_steps=2))
-    rows = []
-    for per_rank in launcher.launch(_bytes_worker, world_size, workload.loaded()):
-        rows.extend(per_rank)
-    return pd.DataFrame(rows)
+    per_rank = launcher.launch(worker, world_size, workload.loaded())
+    return pd.DataFrame([row for rows in per_rank for row in rows])
 
 
 def _bytes_worker(wl: Workload) -> list[dict]:

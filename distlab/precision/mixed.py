@@ -170,6 +170,21 @@ def master_weights(params) -> list[torch.Tensor]:
     return [p.detach().float().requires_grad_(True) for p in params]
 
 
+def gradients_to_masters(params, masters) -> None:
+    """Each master's fp32 ``.grad`` from its 16-bit parameter's (None stays None)."""
+    for p, m in zip(params, masters):
+        m.grad = None if p.grad is None else p.grad.float()
+
+
+@torch.no_grad()
+def masters_to_params(params, masters) -> None:
+    """Round the stepped masters into the 16-bit parameters and free the masters'
+    gradients: they exist only during the step."""
+    for p, m in zip(params, masters):
+        p.copy_(m)
+        m.grad = None
+
+
 def fp16_step(optimizer, scaler: DynamicLossScaler, params, masters, group=None) -> bool:
     """One step of fp16 training with master weights; returns True if it was skipped.
 
@@ -178,14 +193,11 @@ def fp16_step(optimizer, scaler: DynamicLossScaler, params, masters, group=None)
     optimizer steps the masters and the fp16 weights are refreshed from them. The masters'
     gradients are freed afterwards: they exist only during the step.
     """
-    for p, m in zip(params, masters):
-        m.grad = None if p.grad is None else p.grad.float()
+    gradients_to_masters(params, masters)
     found_inf = scaler.step(optimizer, masters, group)
     scaler.update(found_inf)
     if not found_inf:
-        with torch.no_grad():
-            for p, m in zip(params, masters):
-                p.copy_(m)
+        masters_to_params(params, masters)
     for m in masters:
         m.grad = None
     return found_inf

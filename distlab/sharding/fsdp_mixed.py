@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from distlab.precision.mixed import master_weights
+from distlab.precision.mixed import gradients_to_masters, master_weights, masters_to_params
 from distlab.sharding.fsdp import PARAM_DTYPES
 from distlab.sharding.zero_checkpoint import _hyper
 
@@ -94,8 +94,7 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
         ``scaler.step(opt, opt.reduce_gradients(), group)``, trains either.
         """
         if not self._cast:
-            for p, m in zip(self._params, self.master_params):
-                m.grad = None if p.grad is None else p.grad.float()
+            gradients_to_masters(self._params, self.master_params)
             self._cast = True
         return self.master_params
 
@@ -110,9 +109,7 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
             local.update(_hyper(ours))     # an LR scheduler may have changed ours
         self.reduce_gradients()
         self.optim.step()
-        for p, m in zip(self._params, self.master_params):
-            p.copy_(m)                     # the 16-bit shard, rounded from its master
-            m.grad = None
+        masters_to_params(self._params, self.master_params)   # the 16-bit shards, rounded
         self._cast = False
         return loss
 

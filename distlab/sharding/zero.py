@@ -52,6 +52,8 @@ import torch
 import torch.distributed as dist
 
 from distlab.data_parallel.ddp import average_gradients, grad_or_zeros
+from distlab.precision.mixed import gradients_to_masters, masters_to_params
+from distlab.precision.mixed import master_weights as master_weights_of
 from distlab.sharding import zero_checkpoint
 from distlab.sharding.layout import ShardLayout, all_gather_shards, reduce_scatter
 from distlab.sharding.zero_checkpoint import _hyper
@@ -177,8 +179,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                        for j, i in enumerate(idx)}
         self._shards = [_leaf_view(self._shard(i, p.data)) for i, p in enumerate(self._params)]
         # What the local optimizer steps: the shards themselves, or their fp32 masters.
-        self.master_params = ([s.detach().float().requires_grad_(True) for s in self._shards]
-                              if master_weights else self._shards)
+        self.master_params = master_weights_of(self._shards) if master_weights else self._shards
         self._reduced = False
         index = {id(p): i for i, p in enumerate(self._params)}
         self.optim = optimizer_class(
@@ -263,8 +264,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if not self._reduced:
             self._gradients_to_shards()
             if self.master_weights:   # fp32 gradients for the masters, during the step only
-                for s, m in zip(self._shards, self.master_params):
-                    m.grad = None if s.grad is None else s.grad.float()
+                gradients_to_masters(self._shards, self.master_params)
             self._reduced = True
         return self.master_params
 
@@ -281,10 +281,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.reduce_gradients()
         self.optim.step()
         self._reduced = False
-        if self.master_weights:
-            for s, m in zip(self._shards, self.master_params):
-                s.copy_(m)                 # the 16-bit shard, rounded from its master
-                m.grad = None
+        if self.master_weights:        # the 16-bit shards, rounded from their masters
+            masters_to_params(self._shards, self.master_params)
         for idx, layout in self._buckets:
             # This rank's row is packed into the gather's output; the parameters already
             # hold it (the shards are views of them), so it is not unpacked either.
