@@ -32,7 +32,7 @@ import torch
 
 from distlab.precision.mixed import gradients_to_masters, master_weights, masters_to_params
 from distlab.sharding.fsdp import PARAM_DTYPES
-from distlab.sharding.zero_checkpoint import _hyper
+from distlab.sharding.zero import copy_hyperparameters, local_optimizer
 
 
 class MasterWeightOptimizer(torch.optim.Optimizer):
@@ -74,14 +74,8 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
                     "step fp32 parameters with optimizer_class itself")
         self.master_params = master_weights(self._params)
         """The fp32 masters, one per trainable parameter, in order: what the optimizer steps."""
-        index = {id(p): i for i, p in enumerate(self._params)}
-        self.optim = optimizer_class(
-            [{**_hyper(g), "params": [self.master_params[index[id(p)]] for p in g["params"]
-                                      if p.requires_grad]} for g in self.param_groups],
-            **defaults)
-        # Show the full hyperparameters (betas, eps...) on our groups, as torch does.
-        for ours, local in zip(self.param_groups, self.optim.param_groups):
-            ours.update(_hyper(local))
+        self.optim = local_optimizer(self, self._params, self.master_params, optimizer_class,
+                                     defaults)
         self.defaults = self.optim.defaults
         self._cast = False
 
@@ -105,8 +99,7 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for ours, local in zip(self.param_groups, self.optim.param_groups):
-            local.update(_hyper(ours))     # an LR scheduler may have changed ours
+        copy_hyperparameters(self.optim.param_groups, self.param_groups)   # LR schedulers
         self.reduce_gradients()
         self.optim.step()
         masters_to_params(self._params, self.master_params)   # the 16-bit shards, rounded
@@ -131,7 +124,6 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
         """Load :meth:`state_dict`'s format; the masters restart from the parameters (load
         the model first)."""
         self.optim.load_state_dict(state_dict)
-        for ours, local in zip(self.param_groups, self.optim.param_groups):
-            ours.update(_hyper(local))
+        copy_hyperparameters(self.param_groups, self.optim.param_groups)
         for p, m in zip(self._params, self.master_params):
             m.copy_(p)

@@ -181,14 +181,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # What the local optimizer steps: the shards themselves, or their fp32 masters.
         self.master_params = master_weights_of(self._shards) if master_weights else self._shards
         self._reduced = False
-        index = {id(p): i for i, p in enumerate(self._params)}
-        self.optim = optimizer_class(
-            [{**_hyper(g), "params": [self.master_params[index[id(p)]] for p in g["params"]
-                                      if p.requires_grad]} for g in self.param_groups],
-            **defaults)
-        # Show the full hyperparameters (betas, eps...) on our groups, as torch does.
-        for ours, local in zip(self.param_groups, self.optim.param_groups):
-            ours.update(_hyper(local))
+        self.optim = local_optimizer(self, self._params, self.master_params, optimizer_class,
+                                     defaults)
         self.defaults = self.optim.defaults
         self._consolidated = None
         self._hooks = []
@@ -276,8 +270,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_shards_alias_params()
-        for ours, local in zip(self.param_groups, self.optim.param_groups):
-            local.update(_hyper(ours))     # an LR scheduler may have changed ours
+        copy_hyperparameters(self.optim.param_groups, self.param_groups)   # LR schedulers
         self.reduce_gradients()
         self.optim.step()
         self._reduced = False
@@ -328,6 +321,26 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load an unsharded torch-format state dict (from any world size); keep our shards."""
         zero_checkpoint.load(self, state_dict)
+
+
+def local_optimizer(wrapper, params, stepped, optimizer_class, defaults):
+    """The torch optimizer a wrapper optimizer (ZeRO's, or FSDP's fp32 masters) delegates
+    to: ``stepped[i]`` (a shard, or its master) stands for ``params[i]`` in the wrapper's
+    groups, frozen parameters left out; the wrapper's groups then show its full
+    hyperparameters (betas, eps...), as torch's own optimizers do."""
+    index = {id(p): i for i, p in enumerate(params)}
+    optim = optimizer_class(
+        [{**_hyper(g), "params": [stepped[index[id(p)]] for p in g["params"]
+                                  if p.requires_grad]} for g in wrapper.param_groups],
+        **defaults)
+    copy_hyperparameters(wrapper.param_groups, optim.param_groups)
+    return optim
+
+
+def copy_hyperparameters(to_groups, from_groups) -> None:
+    """Each group's hyperparameters (not its parameters) from the matching group."""
+    for to, source in zip(to_groups, from_groups):
+        to.update(_hyper(source))
 
 
 def _not_empty(params, who: str) -> list:
