@@ -12,13 +12,13 @@ from torch.nn import functional as F
 
 import distlab
 from distlab.memory.measure import largest_unit_bytes, measure_step
-from distlab.precision.loss_scaling import DynamicLossScaler
 from distlab.sharding import memory
 from distlab.sharding.fsdp import FullyShardedDataParallel
 from distlab.sharding.fsdp_mixed import MasterWeightOptimizer
 # ZeRO's mixed test: its model, data, tolerances and its single-process reference (16-bit
 # model, fp32 masters, Adam, the loss scaler and the overflow), the one both must equal.
-from test_zero_mixed_precision import OVERFLOW, STEPS, TOLERANCE, data, net, reference
+from test_zero_mixed_precision import (OVERFLOW, STEPS, TOLERANCE, data, net, reference,
+                                       train_16_bit)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -31,23 +31,7 @@ def fully_sharded_16(dtype):
     rank, N, (X, Y) = dist.get_rank(), dist.get_world_size(), data()
     model = FullyShardedDataParallel(net(torch.float32), param_dtype=dtype)
     opt = MasterWeightOptimizer(model.parameters(), torch.optim.Adam, lr=0.01)
-    scaler = DynamicLossScaler(init_scale=2.0 ** 10, growth_interval=2)
-    skipped = []
-    for s in range(STEPS):
-        opt.zero_grad()
-        distlab.comm.ledger().reset()
-        loss = F.cross_entropy(model(X[s].chunk(N)[rank]), Y[s].chunk(N)[rank])
-        if dtype == torch.bfloat16:
-            loss.backward()
-            opt.step()
-            skipped.append(False)
-            continue
-        scaler.scale(loss).backward()
-        masters = opt.reduce_gradients()
-        if s == OVERFLOW and rank == N - 1:    # only this rank's shard overflows
-            masters[0].grad[0] = float("inf")
-        skipped.append(scaler.step(opt, masters))
-        scaler.update(skipped[-1])
+    skipped = train_16_bit(model, opt, dtype, model)
     out = {"by_op": distlab.comm.ledger().by_op(),        # the last step's, before the gather
            "params": model.full_state_dict(), "skipped": skipped,
            "memory": memory.measure(model, opt),

@@ -59,17 +59,18 @@ def reference(dtype):
     return [p.detach().clone() for p in params], skipped
 
 
-def sharded(stage, dtype):
-    rank, (X, Y) = dist.get_rank(), data()
-    model = net(dtype)
-    opt = zero.ShardedOptimizer(model.parameters(), torch.optim.Adam, gradients=MODES[stage],
-                                master_weights=True, lr=0.01)
+def train_16_bit(model, opt, dtype, forward) -> list[bool]:
+    """STEPS steps of a sharded 16-bit ``opt`` (``reduce_gradients`` gives its masters) on
+    this rank's slice of the data; bf16 steps plainly, fp16 through the loss scaler, the
+    last rank's master gradient overflowing at step OVERFLOW. The ledger holds the last
+    step's traffic. Returns which steps were skipped."""
+    rank, N, (X, Y) = dist.get_rank(), dist.get_world_size(), data()
     scaler = DynamicLossScaler(init_scale=2.0 ** 10, growth_interval=2)
     skipped = []
     for s in range(STEPS):
         opt.zero_grad()
         distlab.comm.ledger().reset()
-        loss = F.cross_entropy(model(X[s].chunk(N)[rank].to(dtype)).float(), Y[s].chunk(N)[rank])
+        loss = F.cross_entropy(forward(X[s].chunk(N)[rank]), Y[s].chunk(N)[rank])
         if dtype == torch.bfloat16:
             loss.backward()
             opt.step()
@@ -81,6 +82,14 @@ def sharded(stage, dtype):
             masters[0].grad[0] = float("inf")
         skipped.append(scaler.step(opt, masters))
         scaler.update(skipped[-1])
+    return skipped
+
+
+def sharded(stage, dtype):
+    model = net(dtype)
+    opt = zero.ShardedOptimizer(model.parameters(), torch.optim.Adam, gradients=MODES[stage],
+                                master_weights=True, lr=0.01)
+    skipped = train_16_bit(model, opt, dtype, lambda x: model(x.to(dtype)).float())
     return {"params": [p.detach().clone() for p in model.parameters()], "skipped": skipped,
             "bytes_sent": distlab.comm.ledger().totals()["bytes_sent"],
             "memory": memory.measure(model, opt), "dtypes": {p.dtype for p in model.parameters()}
