@@ -224,6 +224,21 @@ def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
                 _collective_delay(alpha_beta.ring_all_reduce, n, p))
 
 
+def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None,
+                      group=None, async_op=False):
+    """``dist.all_to_all_single``, counted as the rows that leave this rank and the rows
+    that arrive (its own chunk stays): (p-1)/p·n each way for equal splits."""
+    p, me = _p(group), dist.get_rank(group)
+    def moved(t, splits):   # bytes of t's rows outside this rank's own chunk
+        rows = splits if splits is not None else [t.shape[0] // p] * p
+        return nbytes(t) - (nbytes(t) // t.shape[0] * rows[me] if t.shape[0] else 0)
+    return _run("all_to_all", lambda: dist.all_to_all_single(
+                    output, input, output_split_sizes, input_split_sizes, group=group,
+                    async_op=async_op),
+                moved(input, input_split_sizes), moved(output, output_split_sizes), async_op,
+                _collective_delay(alpha_beta.all_to_all, nbytes(input), p))
+
+
 def broadcast(tensor, src, group=None, async_op=False):
     """``dist.broadcast``, counted as n bytes leaving ``src`` and arriving everywhere else."""
     p = _p(group)

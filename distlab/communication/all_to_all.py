@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from distlab import comm
 from distlab.checks import is_int, require_arg
-from distlab.communication import alpha_beta, netsim
+from distlab.communication import alpha_beta
 
 _clock = time.perf_counter
 
@@ -75,23 +75,18 @@ def pairwise_all_to_all(input, output_split_sizes=None, input_split_sizes=None, 
 
 def torch_all_to_all(input, output_split_sizes=None, input_split_sizes=None, group=None,
                      *, check=True, network=None, trace=None):
-    """``torch.distributed.all_to_all_single`` (gloo supports it), counted in the ledger
-    under ``"all_to_all"`` with the bytes of the chunks that leave and arrive, and paying an
-    injected network its :func:`distlab.communication.alpha_beta.all_to_all` time.
+    """``torch.distributed.all_to_all_single`` (gloo supports it) through
+    ``distlab.comm.all_to_all_single``: counted in the ledger under ``"all_to_all"`` with
+    the bytes of the chunks that leave and arrive, and paying an injected network its
+    :func:`distlab.communication.alpha_beta.all_to_all` time.
 
     Same arguments and result as :func:`pairwise_all_to_all`; ``network`` and ``trace`` are
     not applied (the messages are inside the backend).
     """
-    me, p, inputs, outputs, output = _prepare(input, output_split_sizes, input_split_sizes,
-                                              group, check, "torch_all_to_all")
-    sent = sum(comm.nbytes(c) for s, c in enumerate(inputs) if s != me)
-    recv = sum(comm.nbytes(c) for s, c in enumerate(outputs) if s != me)
-    t0, net = _clock(), netsim.everywhere()
-    if net is not None:
-        time.sleep(net.cost_delay(alpha_beta.all_to_all(comm.nbytes(input), p), p))
-    dist.all_to_all_single(output, input.contiguous(), [c.shape[0] for c in outputs],
+    _, _, inputs, outputs, output = _prepare(input, output_split_sizes, input_split_sizes,
+                                             group, check, "torch_all_to_all")
+    comm.all_to_all_single(output, input.contiguous(), [c.shape[0] for c in outputs],
                            [c.shape[0] for c in inputs], group=group)
-    comm.ledger().add("all_to_all", sent, recv, _clock() - t0)
     return output
 
 
