@@ -202,7 +202,9 @@ def _play(page, panel, where: str):
     injects = any(label.lower().startswith("fail") for label in moved)
     assert "done" in done or (injects and "failed" in done), \
         f"{where}: Run with {moved} ended with {done!r}"
-    expect(panel.locator(".js-plotly-plot .scatterlayer .trace").first).to_be_attached()
+    # Lines, dots or bars (lab 11's Gantt chart): the panel's figure drew this run.
+    expect(panel.locator(".js-plotly-plot .scatterlayer .trace, "
+                         ".js-plotly-plot .barlayer .trace").first).to_be_attached()
     before = status.inner_text()
     run.click()
     _stop_while_running(run, stop, status, before, f"{where}: Run and Stop")
