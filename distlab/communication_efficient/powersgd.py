@@ -22,8 +22,10 @@ It follows PyTorch's ``ddp_comm_hooks.powerSGD_hook`` so that the two run side b
 bucket, under 1 MiB; more buckets would each draw a Q), matrices grouped by shape,
 ``tensor.view(n, -1)`` as the matrix, the first Q from ``torch.randn`` seeded by
 ``numpy.random.RandomState(seed).randint(10**9)``, Gram-Schmidt for r <= 2 and QR above,
-products as ``bmm`` (its rounding differs from ``mm`` on some shapes), and an error kept for
-the uncompressed tensors too (their deviation from the average, zero on average over ranks).
+products as ``bmm`` (its rounding differs from ``mm`` on some shapes), each matrix, P and Q
+at the offset the hook's buffers give it (a BLAS rounds differently when a matrix is not
+16-byte aligned: it does on AVX2 machines), and an error kept for the uncompressed tensors
+too (their deviation from the average, zero on average over ranks).
 
 Communication per step (alpha-beta model, p ranks, ring all-reduces): three, of the
 uncompressed tensors (4 n_u bytes), the Ps and the Qs (4 r sum n_i, 4 r sum m_i bytes),
@@ -103,7 +105,7 @@ def train(config: PowerSGDConfig, group=None, *, record=report) -> dict:
     model = config.workload.build_model().to(launcher.device())
     params = [w for w in model.parameters() if w.requires_grad]
     matrices, vectors = split_parameters(params, config)
-    state = PowerSGDState([w.shape for w in matrices], config)
+    state = PowerSGDState([w.shape for w in matrices], config, bucket_offsets(params, matrices))
 
     def average(step):
         if step < config.start_iter:
@@ -131,7 +133,8 @@ def reference(config: PowerSGDConfig) -> dict:
         params = [w for w in model.parameters() if w.requires_grad]
         optimizer = workload.optimizer(params)
         matrices, vectors = split_parameters(params, config)
-        states = [PowerSGDState([w.shape for w in matrices], config) for _ in range(p)]
+        offsets = bucket_offsets(params, matrices)
+        states = [PowerSGDState([w.shape for w in matrices], config, offsets) for _ in range(p)]
         losses = []
         for step, (X_all, y_all) in enumerate(workload.batches()):
             grads, step_loss = [], 0.0
@@ -223,16 +226,32 @@ def split_parameters(params, config: PowerSGDConfig):
     return sorted(matrices, key=lambda w: shapes.index(w.shape)), vectors
 
 
+def bucket_offsets(params, matrices) -> list[int]:
+    """Where each of ``matrices`` starts in DDP's one gradient bucket (elements): every
+    parameter end to end in reverse order, as the hook's matrices are views of it."""
+    offsets, at = {}, 0
+    for w in reversed(list({id(w): w for w in params}.values())):
+        offsets[id(w)] = at
+        at += w.numel()
+    return [offsets[id(w)] for w in matrices]
+
+
 class PowerSGDState:
     """One rank's PowerSGD memory for a list of matrix shapes: the errors, the warm Qs, and
     the generator that draws a first Q the same on every rank. A step is
     ``P = project(grads)``, all-reduce P, ``Q = power_step(P)``, all-reduce Q,
     ``decompress(Q, p)``: :func:`train` (real all-reduces) and :func:`reference` (p states,
-    sums) run the same code."""
+    sums) run the same code. ``offsets`` (:func:`bucket_offsets`; default end to end) place
+    the matrices in one buffer as in the hook's bucket, and the Ps and Qs are views of their
+    flat vectors, as the hook's: the same alignment, so the same rounding."""
 
-    def __init__(self, shapes, config: PowerSGDConfig):
+    def __init__(self, shapes, config: PowerSGDConfig, offsets=None):
         self.shapes = [(s[0], int(np.prod(s[1:]))) for s in shapes]       # (n, m) each
         self.ranks = [_rank(s, config.matrix_rank) for s in shapes]
+        sizes = [n * m for n, m in self.shapes]
+        self.offsets = list(offsets) if offsets is not None else \
+            [sum(sizes[:i]) for i in range(len(sizes))]
+        self.bucket_numel = max([o + k for o, k in zip(self.offsets, sizes)], default=0)
         self.config = config
         self.rng = np.random.RandomState(config.workload.seed)    # the hook's random_seed
         self.errors: list[torch.Tensor] | None = None
@@ -248,38 +267,63 @@ class PowerSGDState:
         for v, e in zip(vectors, self.vector_errors or []):
             v.add_(e)
         self.corrected = [v.clone() for v in vectors]
-        self.Ms = [g.detach().reshape(n, m).clone() for g, (n, m) in zip(grads, self.shapes)]
+        self.Ms = self._in_bucket(grads[0] if grads else None)
+        for M, g in zip(self.Ms, grads):
+            M.copy_(g.detach().reshape(M.shape))
         for M, e in zip(self.Ms, self.errors or []):       # none before the first step
             M.add_(e)
         if self.Qs is None or not self.config.warm_start:
             self.Qs = self._random_qs(self.Ms[0].device if self.Ms else None)
         for Q in self.Qs:
             orthogonalize(Q, self.config.epsilon)
-        return _cat([_bmm(M, Q) for M, Q in zip(self.Ms, self.Qs)])       # (n, r) each
+        return self._products(self.Ms, self.Qs, [n for n, _ in self.shapes])   # (n, r) each
 
     def power_step(self, P_sum: torch.Tensor) -> torch.Tensor:
         """Given the summed Ps: orthogonalize each, return this rank's ``Q_r = M_r^T P``."""
         self.Ps = _split(P_sum, [n for n, _ in self.shapes], self.ranks)
         for P in self.Ps:
             orthogonalize(P, self.config.epsilon)   # P's scale does not matter: no 1/p
-        return _cat([_bmm(M.T, P) for M, P in zip(self.Ms, self.Ps)])     # (m, r) each
+        return self._products([M.T for M in self.Ms], self.Ps, [m for _, m in self.shapes])
 
     def decompress(self, Q_sum: torch.Tensor, world_size: int,
                    averaged_vectors=()) -> list[torch.Tensor]:
         """Given the summed Qs: keep their mean as the warm Q, return each ``M^ = P Q^T``;
         update the errors ``e_r = M_r - M^`` (and the vectors' from their averages)."""
         self.Qs = _split(Q_sum / world_size, [m for _, m in self.shapes], self.ranks)
-        m_hats = [_bmm(P, Q.T) for P, Q in zip(self.Ps, self.Qs)]         # (n, m) each
+        m_hats = self._in_bucket(Q_sum)
+        for P, Q, out in zip(self.Ps, self.Qs, m_hats):
+            torch.bmm(P.unsqueeze(0), Q.T.unsqueeze(0), out=out.unsqueeze(0))   # (n, m)
         if self.config.error_feedback:
             self.errors = [M - m_hat for M, m_hat in zip(self.Ms, m_hats)]
             self.vector_errors = [c - a for c, a in zip(self.corrected, averaged_vectors)]
         return m_hats
 
+    def _in_bucket(self, like) -> list[torch.Tensor]:
+        """Fresh (n, m) matrices, views of one buffer at their bucket offsets."""
+        if like is None:
+            return []
+        bucket = like.new_empty(self.bucket_numel)
+        return [bucket[o:o + n * m].view(n, m) for o, (n, m) in zip(self.offsets, self.shapes)]
+
+    def _products(self, As, Bs, rows) -> torch.Tensor:
+        """``A_i @ B_i`` for each i as the hook computes them: ``bmm`` into views of one
+        flat vector, ``(sum rows_i r_i,)``."""
+        if not As:
+            return torch.zeros(0)
+        flat = As[0].new_empty(sum(k * r for k, r in zip(rows, self.ranks)))
+        for A, B, out in zip(As, Bs, _split(flat, rows, self.ranks)):
+            torch.bmm(A.unsqueeze(0), B.unsqueeze(0), out=out.unsqueeze(0))
+        return flat
+
     def _random_qs(self, device) -> list[torch.Tensor]:
-        # As the hook: one seed per draw from a numpy generator every rank seeds alike.
+        # As the hook: one seed per draw from a numpy generator every rank seeds alike,
+        # each Q a view of one flat vector.
         g = torch.Generator().manual_seed(int(self.rng.randint(1_000_000_000)))
-        return [torch.randn(m, r, generator=g).to(device)
-                for (_, m), r in zip(self.shapes, self.ranks)]
+        qs = _split(torch.empty(sum(m * r for (_, m), r in zip(self.shapes, self.ranks)),
+                                device=device), [m for _, m in self.shapes], self.ranks)
+        for q in qs:
+            q.copy_(torch.randn(*q.shape, generator=g))
+        return qs
 
 
 def orthogonalize(A: torch.Tensor, epsilon: float = 0.0) -> None:
@@ -302,18 +346,10 @@ def _rank(shape, matrix_rank: int) -> int:
     return min(shape[0], int(np.prod(shape[1:])), matrix_rank)
 
 
-def _bmm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``A @ B`` as the hook computes it, a batch of one (its rounding is the hook's)."""
-    return torch.bmm(A.unsqueeze(0), B.unsqueeze(0))[0]
-
-
-def _cat(mats: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([A.reshape(-1) for A in mats]) if mats else torch.zeros(0)
-
-
 def _split(vec: torch.Tensor, rows: list[int], ranks: list[int]) -> list[torch.Tensor]:
+    """``vec`` cut into (k, r) matrices: views, as the hook's Ps and Qs of its flat vectors."""
     parts = vec.split([k * r for k, r in zip(rows, ranks)])
-    return [part.view(k, r).clone() for part, k, r in zip(parts, rows, ranks)]   # (k, r)
+    return [part.view(k, r) for part, k, r in zip(parts, rows, ranks)]   # (k, r)
 
 
 def _train_loop(config: PowerSGDConfig, model, rank: int, p: int, average, record) -> dict:
