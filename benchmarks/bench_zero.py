@@ -84,13 +84,11 @@ def main():
               f"{args.depth} equal layers on {n} ranks; unequal in general); distlab and "
               "FSDP2 cut every parameter into N equal chunks, so they stay within padding of "
               "full / N for any model.", "",
-              "What ZeRO-1's step does beyond Adam on the shards and the all-gather: distlab "
-              "packs its shards straight into its own row of the gather's output and copies "
-              "the other N-1 rows into the parameters (one copy of the parameters per step; a "
-              "rank's row holds chunk r of *every* parameter, so the parameters cannot be "
-              "views of the gathered rows). ZeroRedundancyOptimizer owns whole parameters and "
-              "broadcasts each straight into it: no copy. On 2 cores with 4 ranks each "
-              "millisecond of copying per rank costs about two of wall time."]
+              "What ZeRO-1's step does beyond Adam on the shards: one all-gather, straight into "
+              "the flat buffer the parameters live in (DeepSpeed's layout: rank r owns slice r "
+              "of all the parameters end to end), so nothing is packed or unpacked. "
+              "ZeroRedundancyOptimizer owns whole parameters and broadcasts each from its "
+              "owner straight into it: no copy either, one broadcast per parameter."]
     write("zero", "ZeRO benchmark: distlab against PyTorch", lines, load_before)
 
 

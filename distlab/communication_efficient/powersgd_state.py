@@ -37,10 +37,11 @@ class PowerSGDState:
     """One rank's PowerSGD memory for a list of matrix shapes: the errors, the warm Qs, and
     the generator that draws a first Q the same on every rank. A step is
     ``P = project(grads)``, all-reduce P, ``Q = power_step(P)``, all-reduce Q,
-    ``decompress(Q, p)``: :func:`train` (real all-reduces) and :func:`reference` (p states,
-    sums) run the same code. ``offsets`` (:func:`bucket_offsets`; default end to end) place
-    the matrices in one buffer as in the hook's bucket, and the Ps and Qs are views of their
-    flat vectors, as the hook's: the same alignment, so the same rounding."""
+    ``decompress(Q, p)``: :func:`distlab.communication_efficient.powersgd.train` (real
+    all-reduces) and its ``reference`` (p states, sums) run the same code. ``offsets``
+    (:func:`bucket_offsets`; default end to end) place the matrices in one buffer as in the
+    hook's bucket, and the Ps and Qs are views of their flat vectors, as the hook's: the
+    same alignment, so the same rounding."""
 
     def __init__(self, shapes, config, offsets=None):
         self.shapes = [(s[0], int(np.prod(s[1:]))) for s in shapes]       # (n, m) each

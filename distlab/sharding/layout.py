@@ -1,8 +1,17 @@
 """How ZeRO and FSDP cut tensors into shards, and the two collectives that move the shards.
 
-The layout is the one PyTorch's FSDP2 uses: every tensor is flattened, padded to a multiple
-of N and cut into N equal chunks; rank r owns chunk r of *every* tensor. A rank's *row* is
-the concatenation of its chunks, so one collective moves the shards of many tensors:
+Two layouts, the two of practice:
+
+* :class:`ShardLayout`, PyTorch FSDP2's (and ZeRO stage 2's and FSDP's here): every tensor
+  is flattened, padded to a multiple of N and cut into N equal chunks; rank r owns chunk r
+  of *every* tensor, so each tensor can be reduce-scattered on its own as backward makes it.
+* :class:`FlatLayout`, DeepSpeed's and FSDP1's flat parameter (ZeRO stage 1's here): the
+  tensors laid end to end in one buffer, padded to a multiple of N; rank r owns slice r of
+  it. The tensors can *live* in that buffer (views of it), so an all-gather into it
+  updates them in place, with no copy.
+
+A rank's *row* is what it owns, end to end, so one collective moves the shards of many
+tensors:
 
 * :func:`reduce_scatter` sums the ranks' (N, L) rows and hands rank r its row of the sum,
   (N-1)·alpha + (N-1)/N·n·beta for n = N·L elements: half an all-reduce;
@@ -59,6 +68,10 @@ class ShardLayout:
         start, stop = self.bounds(i, rank)
         return full.reshape(-1)[start:stop]
 
+    def row_offset(self, i: int, rank: int) -> int:
+        """Where tensor ``i``'s shard starts in ``rank``'s row: its chunk's offset."""
+        return self.offsets[i]
+
     def pack_row(self, shards, dtype=None, device=None, out=None) -> torch.Tensor:
         """One rank's shards laid out as its row, zero padded: shape (row_len,).
 
@@ -110,6 +123,90 @@ class ShardLayout:
                     flat[a * c:b * c].view(b - a, c).copy_(rows[a:b, o:o + c])
             if n > whole * c and skip != whole:             # the last, partly padded row
                 flat[whole * c:].copy_(rows[whole, o:o + n - whole * c])
+
+
+class FlatLayout:
+    """Which elements of each tensor a rank owns: its slice of all the tensors end to end.
+
+    The tensors, flattened and laid end to end (tensor i from ``offsets[i]``), are padded
+    with zeros to N·S elements, S = ceil(total / N), and viewed as (N, S): row r is rank r's
+    *row*, and its *shard* of tensor i is the part of tensor i inside it (elements
+    ``bounds(i, r)`` of the flat tensor; empty where tensor i lies in other rows). Same
+    interface as :class:`ShardLayout`; :meth:`buffer` makes the (N·S,) buffer the tensors can
+    live in (:meth:`views`), so that an all-gather into it is the whole update.
+
+    Args:
+        shapes: the full shapes of the tensors.
+        world_size: N, the number of ranks that share them (an int >= 1).
+    """
+
+    def __init__(self, shapes, world_size: int):
+        if not (is_int(world_size) and world_size >= 1):
+            raise ValueError(f"FlatLayout world_size={world_size!r} is out of range; "
+                             "allowed an int >= 1")
+        self.shapes = [torch.Size(s) for s in shapes]
+        self.world_size = world_size
+        self.numels = [s.numel() for s in self.shapes]
+        self.offsets = [sum(self.numels[:i]) for i in range(len(self.numels))]
+        self.numel = sum(self.numels)
+        self.row_len = math.ceil(self.numel / world_size)
+
+    def bounds(self, i: int, rank: int) -> tuple[int, int]:
+        """The range [start, stop) of tensor ``i``'s flat elements that ``rank`` owns."""
+        o, n = self.offsets[i], self.numels[i]
+        start = min(max(rank * self.row_len - o, 0), n)
+        return start, max(min((rank + 1) * self.row_len - o, n), start)
+
+    def shard(self, i: int, full: torch.Tensor, rank: int) -> torch.Tensor:
+        """Rank ``rank``'s shard of the full tensor ``full`` (a view, not a copy)."""
+        start, stop = self.bounds(i, rank)
+        return full.reshape(-1)[start:stop]
+
+    def row_offset(self, i: int, rank: int) -> int:
+        """Where tensor ``i``'s shard starts in ``rank``'s row (the row's length if empty)."""
+        return min(max(self.offsets[i] - rank * self.row_len, 0), self.row_len)
+
+    def buffer(self, fulls, dtype=None, device=None) -> torch.Tensor:
+        """The tensors end to end, zero padded: a fresh (N·S,) tensor on their device."""
+        like = fulls[0]
+        out = torch.zeros(self.world_size * self.row_len, dtype=dtype or like.dtype,
+                          device=device or like.device)
+        for t, o, n in zip(fulls, self.offsets, self.numels):
+            out[o:o + n] = t.reshape(-1)
+        return out
+
+    def views(self, buffer: torch.Tensor) -> list[torch.Tensor]:
+        """Each tensor as a view of ``buffer`` (made by :meth:`buffer`), in its shape."""
+        return [buffer[o:o + n].view(s) for o, n, s in zip(self.offsets, self.numels,
+                                                            self.shapes)]
+
+    def adopt(self, params) -> torch.Tensor:
+        """Move ``params`` (parameters or tensors of these shapes) into a fresh buffer: each
+        ``.data`` becomes a view of it, values kept. Returns the buffer as (N, row_len)."""
+        flat = self.buffer([p.detach() for p in params])
+        for p, view in zip(params, self.views(flat)):
+            p.data = view
+        return flat.view(self.world_size, self.row_len)
+
+    def pack_row(self, shards, dtype=None, device=None, out=None) -> torch.Tensor:
+        """One rank's shards end to end, zero padded: shape (row_len,)."""
+        if out is None:
+            out = torch.empty(self.row_len, dtype=dtype or shards[0].dtype,
+                              device=device or shards[0].device)
+        at = 0
+        for s in shards:
+            out[at:at + s.numel()] = s.reshape(-1)
+            at += s.numel()
+        out[at:].zero_()
+        return out
+
+    def pack_rows(self, fulls, dtype=None) -> torch.Tensor:
+        """Full tensors laid out as the rows of all ranks: shape (N, row_len)."""
+        return self.buffer(fulls, dtype).view(self.world_size, self.row_len)
+
+    def unpack_rows(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """The inverse of :meth:`pack_rows`: (N, row_len) rows back to full tensors (views)."""
+        return self.views(rows.reshape(-1))
 
 
 def reduce_scatter(rows: torch.Tensor, group=None) -> torch.Tensor:

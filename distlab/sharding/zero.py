@@ -20,13 +20,13 @@ K = 4). Volumes are per rank, times (N-1)/N; in the alpha-beta model a ring redu
 or all-gather of n bytes costs (N-1)·alpha + (N-1)/N·n·beta, an all-reduce twice that. So
 stages 1 and 2 cost what data parallelism costs (section 7.2.1), and save memory for free.
 
-How the shards are cut (:mod:`distlab.sharding.layout`, the layout PyTorch's FSDP2 uses):
-every parameter is flattened, padded to a multiple of N and cut into N equal chunks; rank r
-owns chunk r of *every* parameter. The optimizer a rank runs is an ordinary ``torch.optim``
-optimizer over its chunks, which are views into the parameters' own storage, so stepping
-them updates the model in place and Adam, AdamW or SGD (any *elementwise* optimizer) gives
-bit for bit the update it would give the whole tensor. An all-gather then hands every rank
-the chunks it did not step.
+How the shards are cut (:mod:`distlab.sharding.layout`): stage 1 moves the parameters into
+one flat buffer, rank r owning slice r (DeepSpeed's layout), so one all-gather into it *is*
+the update; stage 2 gives rank r chunk r of *every* parameter (FSDP2's), so each gradient is
+reduce-scattered alone as backward makes it. A rank's optimizer is an ordinary
+``torch.optim`` one over its shards, views of the parameters: Adam, AdamW or SGD (any
+*elementwise* optimizer) gives bit for bit the update it would give the whole tensor, and
+an all-gather hands every rank the shards it did not step.
 
 Ranks whose forward used different parameters (a data-dependent branch, routed experts)
 must still meet in the same collectives: as in
@@ -54,8 +54,7 @@ import torch.distributed as dist
 from distlab.data_parallel.ddp import average_gradients, grad_or_zeros
 from distlab.precision.mixed import gradients_to_masters, masters_to_params
 from distlab.precision.mixed import master_weights as master_weights_of
-from distlab.sharding import zero_checkpoint
-from distlab.sharding.layout import ShardLayout, all_gather_shards, reduce_scatter
+from distlab.sharding import layout as L, zero_checkpoint
 from distlab.sharding.zero_checkpoint import _hyper
 
 GRADIENT_MODES = ("averaged", "reduce_scatter", "sharded")
@@ -126,7 +125,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     Args:
         params: parameters or parameter groups (dicts with their own hyperparameters), not
-            empty. Parameters with ``requires_grad=False`` are kept out of the shards.
+            empty. Parameters with ``requires_grad=False`` are kept out of the shards; at
+            stage 1 the others move into one flat buffer per dtype (``.data`` views of it).
         optimizer_class: an elementwise torch optimizer (SGD, Adam, AdamW, ...).
         group: the process group (default: the world).
         gradients: how ``p.grad`` arrives, so how gradients are communicated:
@@ -173,11 +173,17 @@ class ShardedOptimizer(torch.optim.Optimizer):
         kinds: dict[tuple, list[int]] = {}
         for i, p in enumerate(self._params):
             kinds.setdefault((p.device, p.dtype), []).append(i)
-        self._buckets = [(idx, ShardLayout([self._params[i].shape for i in idx],
-                                           self.world_size)) for idx in kinds.values()]
+        # Stage 2 reduce-scatters each gradient alone; stage 1's parameters live in a buffer.
+        layout_class = L.ShardLayout if gradients == "sharded" else L.FlatLayout
+        self._buckets = [(idx, layout_class([self._params[i].shape for i in idx],
+                                            self.world_size)) for idx in kinds.values()]
+        self._flat = [layout.adopt([self._params[i] for i in idx])
+                      if layout_class is L.FlatLayout else None for idx, layout in self._buckets]
         self._place = {i: (layout, j) for idx, layout in self._buckets
                        for j, i in enumerate(idx)}
-        self._shards = [_leaf_view(self._shard(i, p.data)) for i, p in enumerate(self._params)]
+        # Leaves sharing the parameters' storage: the local optimizer writes the model.
+        self._shards = [self._shard(i, p.data).detach().requires_grad_(True)
+                        for i, p in enumerate(self._params)]
         # What the local optimizer steps: the shards themselves, or their fp32 masters.
         self.master_params = master_weights_of(self._shards) if master_weights else self._shards
         self._reduced = False
@@ -229,7 +235,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         p, shard = self._params[i], self._shards[i]
         layout, j = self._place[i]
         rows = layout.rows(j, p.grad if p.grad is not None else torch.zeros_like(p))  # (N, c)
-        mine = reduce_scatter(rows, self.group)[: shard.numel()] / self.world_size
+        mine = L.reduce_scatter(rows, self.group)[: shard.numel()] / self.world_size
         shard.grad = mine if shard.grad is None else shard.grad.add_(mine)
         p.grad = None   # the full gradient is freed at once
 
@@ -239,10 +245,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if self.gradients == "reduce_scatter":
             for idx, layout in self._buckets:
                 grads = [grad_or_zeros(self._params[i]) for i in idx]   # unused: zeros, joins
-                mine = reduce_scatter(layout.pack_rows(grads), self.group)
+                mine = L.reduce_scatter(layout.pack_rows(grads), self.group)
                 mine /= self.world_size
                 for j, i in enumerate(idx):
-                    o, n = layout.offsets[j], self._shards[i].numel()
+                    o, n = layout.row_offset(j, self.rank), self._shards[i].numel()
                     layout.shard(j, grads[j], self.rank).copy_(mine[o:o + n])
         for i, p in enumerate(self._params):
             # A view of this rank's slice of p.grad: no copy.
@@ -276,11 +282,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._reduced = False
         if self.master_weights:        # the 16-bit shards, rounded from their masters
             masters_to_params(self._shards, self.master_params)
-        for idx, layout in self._buckets:
-            # This rank's row is packed into the gather's output; the parameters already
-            # hold it (the shards are views of them), so it is not unpacked either.
-            rows = all_gather_shards(layout, [self._shards[i] for i in idx], self.group)
-            layout.unpack_rows_into(rows, [self._params[i] for i in idx], skip=self.rank)
+        for (idx, layout), flat in zip(self._buckets, self._flat):
+            if flat is not None:     # the parameters live in it: the gather is the update
+                L.all_gather_rows(flat[self.rank], self.group, out=flat)
+            else:                    # this rank's row is packed into the output, not unpacked
+                rows = L.all_gather_shards(layout, [self._shards[i] for i in idx], self.group)
+                layout.unpack_rows_into(rows, [self._params[i] for i in idx], skip=self.rank)
         return loss
 
     def _check_shards_alias_params(self) -> None:
@@ -350,8 +357,3 @@ def _not_empty(params, who: str) -> list:
                          "step; pass the model's parameters (model.parameters()), or leave "
                          "a model without parameters out of the optimizer")
     return params
-
-
-def _leaf_view(t: torch.Tensor) -> torch.Tensor:
-    # A leaf that shares storage with the parameter: the local optimizer writes the model.
-    return t.detach().requires_grad_(True)

@@ -25,7 +25,8 @@ def consolidate(opt, to: int = 0) -> dict | None:
             like = next((t for t in mine if t is not None), None)
             if like is None:
                 continue
-            row = layout.pack_row([like.new_zeros(0) if t is None else t for t in mine])
+            row = layout.pack_row([like.new_zeros(opt.shards[i].numel()) if t is None else t
+                                  for i, t in zip(idx, mine)])
             full[k].update(zip(idx, layout.unpack_rows(all_gather_rows(row, opt.group))))
     if opt.rank != to:
         return None

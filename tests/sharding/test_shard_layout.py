@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from distlab.sharding.layout import ShardLayout
+from distlab.sharding.layout import FlatLayout, ShardLayout
 
 
 def test_rows_round_trip_with_sizes_not_divisible_by_the_world_size():
@@ -56,3 +56,32 @@ def test_unpacking_rows_into_tensors_can_leave_one_rank_row_untouched():
             want = b.clone()
             layout.shard(i, want, skip).fill_(7.0)                    # row ``skip``: kept
             torch.testing.assert_close(a, want)
+
+
+def test_the_flat_layout_gives_each_rank_one_slice_of_the_tensors_end_to_end():
+    layout = FlatLayout([(3, 5), (2,), (1,)], world_size=4)       # 18 elements: S = 5
+    tensors = [torch.randn(3, 5), torch.randn(2), torch.randn(1)]
+    flat = torch.cat([t.reshape(-1) for t in tensors] + [torch.zeros(2)])   # (20,)
+    assert layout.row_len == 5
+    buffer = layout.buffer(tensors)
+    torch.testing.assert_close(buffer, flat, rtol=0, atol=0)
+    for rank in range(4):
+        shards = [layout.shard(i, t, rank) for i, t in enumerate(tensors)]
+        row = layout.pack_row(shards)
+        torch.testing.assert_close(row, flat.view(4, 5)[rank], rtol=0, atol=0)
+        for i, s in enumerate(shards):       # each shard sits at its row offset
+            o = layout.row_offset(i, rank)
+            torch.testing.assert_close(row[o:o + s.numel()], s.reshape(-1), rtol=0, atol=0)
+    assert [layout.shard(i, t, 3).numel() for i, t in enumerate(tensors)] == [0, 2, 1]
+    assert [layout.shard(i, t, 2).numel() for i, t in enumerate(tensors)] == [5, 0, 0]
+    for a, b in zip(layout.unpack_rows(layout.pack_rows(tensors)), tensors):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    views = layout.views(buffer)                  # the tensors can live in the buffer
+    buffer.view(4, 5)[1].fill_(9.0)
+    assert views[0].reshape(-1)[5:10].eq(9.0).all() and views[0].reshape(-1)[:5].ne(9.0).all()
+
+
+@pytest.mark.parametrize("world_size", [0, 1.5])
+def test_flat_layout_world_size_is_validated(world_size):
+    with pytest.raises(ValueError, match=rf"FlatLayout world_size={world_size!r}"):
+        FlatLayout([(3,)], world_size)

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 import distlab
+from distlab import comm
 from distlab.data_parallel.ddp import average_gradients
 from distlab.sharding import zero
 
@@ -264,3 +265,29 @@ def test_a_step_refuses_parameters_whose_storage_was_replaced():
     # The gather skips this rank's own row because its shards are views of the parameters.
     for message in distlab.launch(_step_after_the_parameters_were_replaced, 2, timeout=60):
         assert message and "build the optimizer after moving or casting" in message, message
+
+
+def _where_stage_1_parameters_live():
+    net = nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 2))
+    before = [p.detach().clone() for p in net.parameters()]
+    opt = zero.ShardedOptimizer(net.parameters(), torch.optim.SGD, lr=0.1)
+    storages = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    same_values = all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+    gathered = []
+    original = comm.all_gather_into_tensor
+    comm.all_gather_into_tensor = lambda out, *a, **k: (gathered.append(
+        out.untyped_storage().data_ptr()), original(out, *a, **k))[1]
+    try:
+        net(torch.ones(4, 3)).sum().backward()
+        opt.step()
+    finally:
+        comm.all_gather_into_tensor = original
+    return storages, same_values, gathered
+
+
+def test_stage_1_parameters_live_in_the_buffer_the_all_gather_fills():
+    # DeepSpeed's flat layout: one buffer, the gather's output; nothing is unpacked.
+    for storages, same_values, gathered in distlab.launch(_where_stage_1_parameters_live, 2,
+                                                          timeout=60):
+        assert len(storages) == 1 and same_values
+        assert gathered == list(storages)
