@@ -143,7 +143,7 @@ def _bandwidth_worker(sizes, repeats):
     rows = []
     for nbytes in sizes:
         x = torch.ones(nbytes // 4)
-        iters = max(3, min(20, MIB // nbytes))       # several calls: one is lost in the noise
+        iters = max(5, min(20, 16 * MIB // nbytes))  # >= 16 MiB a measurement: one call is noise
         ring = _timer(lambda: collectives.ring_all_reduce(x), iters)
         gloo = _timer(lambda: dist.all_reduce(x), iters)
         times_ring, times_gloo = interleaved(ring, gloo, pairs=repeats)
