@@ -52,7 +52,7 @@ def main(argv=None):
     bw_lines, targets = bandwidth_table(args.sizes, args.message_sizes, args.repeats)
     pin_lines = pinning_table(args.sizes, args.repeats, cores)
     idle = idle_cores()                    # the model's "a core per rank" needs idle cores
-    fit_lines, errors = model_table(args.sizes, args.message_sizes, min(5, args.repeats), cores)
+    fit_lines, errors = model_table(args.sizes, args.message_sizes, args.repeats, cores)
     missed = [k for k, r in targets.items() if r["median"] < TARGET_BW]
     bw_met = ("not measured" if not targets else "met" if not missed else
               "NOT met at " + ", ".join(f"{p} ranks {_fmt_size(n)}" for p, n in missed))

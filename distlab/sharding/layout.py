@@ -33,7 +33,28 @@ from distlab.checks import is_int
 from distlab.communication.collectives import ring_reduce_scatter
 
 
-class ShardLayout:
+class _Layout:
+    """What both layouts share: the shapes, N, and a shard as a view of the full tensor."""
+
+    def __init__(self, shapes, world_size: int):
+        if not (is_int(world_size) and world_size >= 1):
+            raise ValueError(f"{type(self).__name__} world_size={world_size!r} is out of "
+                             "range; allowed an int >= 1")
+        self.shapes = [torch.Size(s) for s in shapes]
+        self.world_size = world_size
+        self.numels = [s.numel() for s in self.shapes]
+
+    def bounds(self, i: int, rank: int) -> tuple[int, int]:
+        """The range [start, stop) of tensor ``i``'s flat elements that ``rank`` owns."""
+        raise NotImplementedError
+
+    def shard(self, i: int, full: torch.Tensor, rank: int) -> torch.Tensor:
+        """Rank ``rank``'s shard of the full tensor ``full`` (a view, not a copy)."""
+        start, stop = self.bounds(i, rank)
+        return full.reshape(-1)[start:stop]
+
+
+class ShardLayout(_Layout):
     """Which elements of each tensor a rank owns: chunk r of the tensor flattened and padded.
 
     A tensor of n elements is padded to N·c elements, c = ceil(n / N), and viewed as (N, c):
@@ -48,12 +69,7 @@ class ShardLayout:
     """
 
     def __init__(self, shapes, world_size: int):
-        if not (is_int(world_size) and world_size >= 1):
-            raise ValueError(f"ShardLayout world_size={world_size!r} is out of range; "
-                             "allowed an int >= 1")
-        self.shapes = [torch.Size(s) for s in shapes]
-        self.world_size = world_size
-        self.numels = [s.numel() for s in self.shapes]
+        super().__init__(shapes, world_size)
         self.chunks = [math.ceil(n / world_size) for n in self.numels]
         self.offsets = [sum(self.chunks[:i]) for i in range(len(self.chunks))]
         self.row_len = sum(self.chunks)
@@ -62,11 +78,6 @@ class ShardLayout:
         """The range [start, stop) of tensor ``i``'s flat elements that ``rank`` owns."""
         c, n = self.chunks[i], self.numels[i]
         return min(rank * c, n), min((rank + 1) * c, n)
-
-    def shard(self, i: int, full: torch.Tensor, rank: int) -> torch.Tensor:
-        """Rank ``rank``'s shard of the full tensor ``full`` (a view, not a copy)."""
-        start, stop = self.bounds(i, rank)
-        return full.reshape(-1)[start:stop]
 
     def row_offset(self, i: int, rank: int) -> int:
         """Where tensor ``i``'s shard starts in ``rank``'s row: its chunk's offset."""
@@ -125,7 +136,7 @@ class ShardLayout:
                 flat[whole * c:].copy_(rows[whole, o:o + n - whole * c])
 
 
-class FlatLayout:
+class FlatLayout(_Layout):
     """Which elements of each tensor a rank owns: its slice of all the tensors end to end.
 
     The tensors, flattened and laid end to end (tensor i from ``offsets[i]``), are padded
@@ -141,12 +152,7 @@ class FlatLayout:
     """
 
     def __init__(self, shapes, world_size: int):
-        if not (is_int(world_size) and world_size >= 1):
-            raise ValueError(f"FlatLayout world_size={world_size!r} is out of range; "
-                             "allowed an int >= 1")
-        self.shapes = [torch.Size(s) for s in shapes]
-        self.world_size = world_size
-        self.numels = [s.numel() for s in self.shapes]
+        super().__init__(shapes, world_size)
         self.offsets = [sum(self.numels[:i]) for i in range(len(self.numels))]
         self.numel = sum(self.numels)
         self.row_len = math.ceil(self.numel / world_size)
@@ -156,11 +162,6 @@ class FlatLayout:
         o, n = self.offsets[i], self.numels[i]
         start = min(max(rank * self.row_len - o, 0), n)
         return start, max(min((rank + 1) * self.row_len - o, n), start)
-
-    def shard(self, i: int, full: torch.Tensor, rank: int) -> torch.Tensor:
-        """Rank ``rank``'s shard of the full tensor ``full`` (a view, not a copy)."""
-        start, stop = self.bounds(i, rank)
-        return full.reshape(-1)[start:stop]
 
     def row_offset(self, i: int, rank: int) -> int:
         """Where tensor ``i``'s shard starts in ``rank``'s row (the row's length if empty)."""
