@@ -15,7 +15,7 @@ def split_parameters(params, config):
     ``(n + m) r · min_compression_rate < nm`` (the hook's ``_should_compress``), in the order
     the hook lays out their Ps and Qs (reverse order, grouped by shape); and the rest."""
     matrices, vectors = [], []
-    for w in reversed(list({id(w): w for w in params}.values())):   # DDP's bucket order
+    for w in _bucket_order(params):
         n, m = w.shape[0], w[0].numel()
         worth = (n + m) * _rank(w.shape, config.matrix_rank) * config.min_compression_rate < n * m
         (matrices if w.dim() >= 2 and worth else vectors).append(w)
@@ -27,10 +27,15 @@ def bucket_offsets(params, matrices) -> list[int]:
     """Where each of ``matrices`` starts in DDP's one gradient bucket (elements): every
     parameter end to end in reverse order, as the hook's matrices are views of it."""
     offsets, at = {}, 0
-    for w in reversed(list({id(w): w for w in params}.values())):
+    for w in _bucket_order(params):
         offsets[id(w)] = at
         at += w.numel()
     return [offsets[id(w)] for w in matrices]
+
+
+def _bucket_order(params) -> list:
+    """The parameters as DDP lays them in its bucket: each once, in reverse order."""
+    return list(reversed(list({id(w): w for w in params}.values())))
 
 
 class PowerSGDState:

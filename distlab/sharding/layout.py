@@ -170,10 +170,11 @@ class FlatLayout(_Layout):
     def buffer(self, fulls, dtype=None, device=None) -> torch.Tensor:
         """The tensors end to end, zero padded: a fresh (N·S,) tensor on their device."""
         like = fulls[0]
-        out = torch.zeros(self.world_size * self.row_len, dtype=dtype or like.dtype,
+        out = torch.empty(self.world_size * self.row_len, dtype=dtype or like.dtype,
                           device=device or like.device)
         for t, o, n in zip(fulls, self.offsets, self.numels):
             out[o:o + n] = t.reshape(-1)
+        out[self.numel:].zero_()          # the padding only: the rest was just written
         return out
 
     def views(self, buffer: torch.Tensor) -> list[torch.Tensor]:
